@@ -1,0 +1,10 @@
+"""Shared non-model code of the LLM_Fine_Tuning toolkit.
+
+One concern per module:
+  common  - user errors, the CLI wrapper, atomic writes, secret redaction
+  tables  - reading and writing .xlsx/.csv/.jsonl/.parquet tables
+  data    - label set, loading/validating a split, tokenising, batching (padded and packed)
+  metrics - confusion matrix -> every reported metric (through scikit-learn)
+  dist    - torchrun/DDP set-up and the few collectives the scripts need
+  demo    - the embedded demo: a tiny local Qwen3 checkpoint and a synthetic data set
+"""

@@ -1,0 +1,119 @@
+"""Evaluate a saved adapter (or merged model) on a labelled table.
+
+    python test_saved_lora.py --checkpoint /path/to/Qwen3-1.7B --lora_model ./lora_model/best_model \
+        --test_data test_data.xlsx --batch_size 18 --max_length 256
+    python test_saved_lora.py --lora_model ./lora_model/best_model_merged --test_data test_data.xlsx
+    torchrun --nproc_per_node=4 test_saved_lora.py ...same flags...
+
+Prints accuracy, macro/weighted precision/recall/F1, per-class scores and the confusion matrix, and writes
+to --output_dir (default: <lora_model>/eval): test_results.json, confusion_matrix.png and predictions
+(text, gold, predicted, one probability column per label) as .xlsx (or --predictions_format).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import qwen3_classification_direct as qcd
+from lft import data as D
+from lft.common import UserError, run_cli, write_json
+from lft.dist import cleanup, gather_objects, print0, setup_distributed
+from lft.metrics import confusion, format_report, metrics_from_confusion, plot_confusion
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="base Qwen3 folder (not needed for a merged model)")
+    p.add_argument("--lora_model", required=True, help="adapter folder (best_model/) or merged folder")
+    p.add_argument("--test_data", required=True, help="table with text and label columns")
+    p.add_argument("--text_column", default="text_cn")
+    p.add_argument("--label_column", default="extracted_label")
+    p.add_argument("--batch_size", type=int, default=18, help="texts per batch (bounds tokens per batch)")
+    p.add_argument("--max_length", type=int, default=None, help="default: the adapter's training max_length")
+    p.add_argument("--output_dir", default=None, help="default: <lora_model>/eval")
+    p.add_argument("--predictions_format", choices=("xlsx", "csv", "jsonl", "parquet"), default="xlsx")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights (default on a GPU)")
+    p.add_argument("--fp32", action="store_true")
+    p.add_argument("--packing", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager", "flex_attention"))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = p.parse_args(argv)
+    problems = []
+    if args.batch_size < 1:
+        problems.append("--batch_size must be >= 1")
+    if args.max_length is not None and args.max_length < 2:
+        problems.append("--max_length must be >= 2")
+    if sum([args.fp16, args.bf16, args.fp32]) > 1:
+        problems.append("--fp16, --bf16 and --fp32 exclude each other")
+    if not Path(args.test_data).is_file():
+        problems.append(f"--test_data {args.test_data}: file not found")
+    if not Path(args.lora_model).is_dir():
+        problems.append(f"--lora_model {args.lora_model}: not a folder")
+    if problems:
+        raise UserError("; ".join(problems))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    d = setup_distributed(args.device)
+    try:
+        return run(args, d)
+    finally:
+        cleanup()
+
+
+def run(args, d) -> int:
+    from lft.tables import write_table
+    import pandas as pd
+
+    if d.device.type == "cuda" and not (args.fp16 or args.fp32):
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
+    amp = dtype if dtype != torch.float32 else None
+    model, tokenizer, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype, args.attn_implementation)
+    model.to(d.device)
+    labels = meta["labels"]
+    max_length = args.max_length or meta["max_length"]
+    split = D.load_split(args.test_data, labels, args.text_column, args.label_column)
+    D.tokenize_split(split, tokenizer, max_length, show=d.main)
+    packing = args.packing == "on" or (args.packing == "auto" and d.device.type == "cuda")
+    print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {str(dtype)[6:]}); "
+           f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
+
+    batches = D.eval_batches(split.lengths, d.rank, d.world, max_tokens=args.batch_size * max_length)
+    probs = qcd.predict_probs(model, split.input_ids, batches, d.device, tokenizer.pad_token_id, packing, amp)
+    merged = {}
+    for part in gather_objects(probs, d):  # every rank; each text was predicted by exactly one rank
+        merged.update(part)
+    if not d.main:
+        return 0
+    order = sorted(merged)
+    P = torch.stack([merged[i] for i in order]).float().numpy()
+    pred = P.argmax(1)
+    m = metrics_from_confusion(confusion(split.labels, pred, len(labels)), labels)
+    print(format_report(m))
+
+    out = Path(args.output_dir) if args.output_dir else Path(args.lora_model) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame({"text": split.texts, "gold": [labels[i] for i in split.labels],
+                          "predicted": [labels[i] for i in pred], "correct": pred == split.labels})
+    for j, name in enumerate(labels):
+        table[f"p_{name}"] = P[:, j].round(6)
+    write_table(table, out / f"predictions.{args.predictions_format}")
+    plot_confusion(m, out / "confusion_matrix.png")
+    write_json(out / "test_results.json", {"model": str(args.lora_model), "test_data": str(args.test_data),
+                                           "max_length": max_length, **m})
+    print(f"wrote {out / 'test_results.json'}, {out / 'confusion_matrix.png'}, "
+          f"{out / ('predictions.' + args.predictions_format)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,461 @@
+"""LoRA-fine-tune a local Qwen3 checkpoint into a text classifier (default: 6 content-safety labels).
+
+One GPU (bf16 is the default on a GPU):
+    python train_lora.py --checkpoint /path/to/Qwen3-1.7B --train_data balanced_train.xlsx \
+        --val_data balanced_val.xlsx --test_data test_data.xlsx --output_dir ./lora_model \
+        --num_epochs 3 --batch_size 18 --learning_rate 5e-5 --max_length 256 --bf16
+Several GPUs (DDP; the same flags, --batch_size is per GPU):
+    torchrun --nproc_per_node=4 train_lora.py ...same flags...
+CPU demo (tiny local checkpoint, synthetic data, < 2 minutes):
+    python -m lft.demo
+
+Writes to --output_dir: best_model/ (adapter with the best validation macro-F1), checkpoint-<step>/
+(everything needed by --resume_from_checkpoint), args.json, metrics.jsonl, and test_results.json when
+--test_data is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import qwen3_classification_direct as qcd
+from lft import data as D
+from lft.common import UserError, run_cli, write_json
+from lft.dist import Dist, all_reduce_sum, barrier, cleanup, gather_objects, print0, setup_distributed
+from lft.metrics import format_report, metrics_from_confusion
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --- data
+    p.add_argument("--train_data", required=True, help="training table (.xlsx/.csv/.jsonl/.parquet)")
+    p.add_argument("--val_data", required=True, help="validation table; picks best_model by macro-F1")
+    p.add_argument("--test_data", default=None, help="optional test table, evaluated with best_model at the end")
+    p.add_argument("--text_column", default="text_cn", help="column holding the text")
+    p.add_argument("--label_column", default="extracted_label", help="column holding the label (name or id)")
+    p.add_argument("--labels", default=None, help="comma-separated label names in id order "
+                   f"(default: {','.join(D.DEFAULT_LABELS)})")
+    p.add_argument("--max_length", type=int, default=256, help="tokens kept per text (longer ones are cut)")
+    # --- model
+    p.add_argument("--checkpoint", required=True, help="local Qwen3 model folder (e.g. Qwen3-1.7B)")
+    p.add_argument("--pooling", choices=("last", "mean"), default="last", help="text vector: last real token or mean")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout before the classification head")
+    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha (scale = alpha / r)")
+    p.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    p.add_argument("--lora_target_modules", default=",".join(qcd.LORA_TARGETS), help="modules that get LoRA")
+    p.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager", "flex_attention"),
+                   help="attention kernel of the decoder")
+    # --- optimisation
+    p.add_argument("--num_epochs", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=18, help="texts per micro-batch per process")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=2, help="micro-batches per optimizer step")
+    p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--warmup_ratio", type=float, default=0.1, help="fraction of steps with linear warmup")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    p.add_argument("--class_weights", choices=("none", "balanced"), default="none",
+                   help="'balanced' weights the loss by inverse label frequency in the training set")
+    p.add_argument("--seed", type=int, default=42, help="seeds head init, dropout and data order")
+    p.add_argument("--fp16", action="store_true", help="fp16 autocast + GradScaler (fp32 trainable weights)")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (default on a GPU)")
+    p.add_argument("--fp32", action="store_true", help="full fp32 even on a GPU")
+    p.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
+                   help="pack each micro-batch into one row without padding (auto: on for CUDA)")
+    p.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
+                   help="plain shuffled batches instead of length-grouped ones")
+    p.add_argument("--max_nonfinite_steps", type=int, default=5,
+                   help="stop after this many consecutive steps with a non-finite loss")
+    # --- evaluation, saving, logging
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--eval_steps", type=int, default=200, help="evaluate on --val_data every N optimizer steps")
+    p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (default: eval_steps)")
+    p.add_argument("--save_total_limit", type=int, default=2, help="checkpoint-* folders kept (newest)")
+    p.add_argument("--eval_batch_size", type=int, default=None, help="texts per eval batch (default 2x batch)")
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-* folder, or 'auto' (latest)")
+    p.add_argument("--merge", action="store_true", help="also write best_model_merged/ (plain transformers model)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Every flag problem at once, in one line."""
+    problems = []
+    for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps",
+                 "lora_r", "lora_alpha", "max_nonfinite_steps", "save_total_limit"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1")
+    if args.max_length < 2:
+        problems.append("--max_length must be >= 2")
+    if not args.learning_rate > 0:
+        problems.append("--learning_rate must be > 0")
+    for name in ("dropout", "lora_dropout", "warmup_ratio"):
+        if not 0 <= getattr(args, name) < 1:
+            problems.append(f"--{name} must be in [0, 1)")
+    if sum([args.fp16, args.bf16, args.fp32]) > 1:
+        problems.append("--fp16, --bf16 and --fp32 exclude each other")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device visible")
+    if args.bf16 and args.device != "cpu" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        problems.append("--bf16: this GPU has no bf16; use --fp16")
+    for flag in ("train_data", "val_data", "test_data"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            problems.append(f"--{flag} {path}: file not found")
+    if problems:
+        raise UserError("; ".join(problems))
+    args.save_steps = args.save_steps or args.eval_steps
+    args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
+
+
+def choose_precision(args, device: torch.device):
+    """(weight dtype, autocast dtype or None, use GradScaler, reason). Qwen3 was trained in bf16, so bf16 is
+    the GPU default; fp16 keeps trainable weights in fp32 and needs a GradScaler; the CPU default is fp32."""
+    if args.fp16:
+        return torch.float16, torch.float16, True, "fp16 (--fp16): autocast + GradScaler, fp32 LoRA/head"
+    if args.bf16:
+        return torch.bfloat16, torch.bfloat16, False, "bf16 (--bf16): bf16 base, fp32 LoRA/head"
+    if device.type == "cuda" and not args.fp32 and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, torch.bfloat16, False, "bf16 (default on a GPU; Qwen3 was trained in bf16)"
+    why = "--fp32" if args.fp32 else "default on CPU"
+    return torch.float32, None, False, f"fp32 ({why})"
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+def load_data(args, labels, tokenizer, d: Dist) -> dict[str, D.Split]:
+    splits = {}
+    for name in ("train", "val", "test"):
+        path = getattr(args, f"{name}_data")
+        if path:
+            split = D.load_split(path, labels, args.text_column, args.label_column)
+            D.tokenize_split(split, tokenizer, args.max_length, desc=f"tokenise {name}",
+                             show=d.main and not args.no_progress)
+            splits[name] = split
+    return splits
+
+
+def class_weights(args, train: D.Split, num_labels: int):
+    if args.class_weights == "none":
+        return None
+    counts = np.bincount(train.labels, minlength=num_labels).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (num_labels * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reason, packing, params, tokenizer):
+    lines = ["=" * 78, f"base model      {args.checkpoint}", f"precision       {precision_reason}",
+             f"processes       {d.world} on {d.device.type}" + (" (DDP)" if d.enabled else ""),
+             f"packing         {'on: one row per micro-batch, no padding' if packing else 'off: padded batches'}",
+             f"parameters      {params[0]:,} total, {params[1]:,} trainable ({100 * params[1] / params[0]:.3f}%)"]
+    for name, s in splits.items():
+        counts = np.bincount(s.labels, minlength=len(labels))
+        per = ", ".join(f"{n} {c}" for n, c in zip(labels, counts))
+        lines.append(f"{name:<15} {len(s):,} texts ({per}); {s.n_truncated} cut to {args.max_length} tokens; "
+                     f"mean {s.lengths.mean():.0f} tokens")
+    eff = args.batch_size * args.gradient_accumulation_steps * d.world
+    lines += [f"batch           {args.batch_size} x {args.gradient_accumulation_steps} accumulation x {d.world} "
+              f"processes = {eff} texts per optimizer step",
+              f"steps           {steps_per_epoch} per epoch x {args.num_epochs} epochs = {total_steps}; "
+              f"eval every {args.eval_steps}, save every {args.save_steps}", "=" * 78]
+    train = splits["train"]
+    for i in range(min(3, len(train))):
+        lines.append(f"sample {i}: label={labels[train.labels[i]]} tokens={len(train.input_ids[i])} "
+                     f"text={tokenizer.decode(train.input_ids[i][:48])!r}")
+    print0("\n".join(lines))
+
+
+def check_output_dir(out: Path) -> None:
+    """The nearest existing folder on the way to --output_dir must be writable."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"--output_dir {out}: {probe} is not a writable folder")
+
+
+# --- evaluation -------------------------------------------------------------------------------------------
+
+def evaluate(model, split: D.Split, labels, args, d: Dist, packing: bool, amp_dtype, pad_id) -> dict:
+    """Each rank predicts a disjoint shard; confusion matrices are summed over ranks (counts, not means)."""
+    batches = D.eval_batches(split.lengths, d.rank, d.world, max_tokens=args.eval_batch_size * args.max_length)
+    probs = qcd.predict_probs(model, split.input_ids, batches, d.device, pad_id, packing, amp_dtype)
+    idx = np.fromiter(probs.keys(), dtype=np.int64, count=len(probs))
+    pred = torch.stack(list(probs.values())).argmax(-1).numpy() if len(probs) else np.empty(0, dtype=np.int64)
+    from lft.metrics import confusion
+
+    cm = torch.from_numpy(confusion(split.labels[idx], pred, len(labels))).to(torch.int64)
+    cm = all_reduce_sum(cm.to(d.device), d).cpu().numpy()  # every rank
+    return metrics_from_confusion(cm, labels)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_checkpoint(folder: Path, model, meta, optimizer, scheduler, scaler, state: dict, d: Dist) -> None:
+    rng = gather_objects({"torch": torch.get_rng_state(),
+                          "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}, d)
+    if d.main:
+        tmp_state = folder.parent / f".{folder.name}.trainer_state.pt"
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng, **state}, tmp_state)
+        qcd.save_adapter(model, folder, meta)  # atomic: the folder appears complete or not at all
+        os.replace(tmp_state, folder / "trainer_state.pt")
+        write_json(folder / "trainer_state.json", state)
+    barrier(d)
+
+
+def rotate_checkpoints(output_dir: Path, keep: int) -> None:
+    found = sorted((int(m[1]), p) for p in output_dir.iterdir() if (m := CKPT.match(p.name)))
+    for _, p in found[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def find_checkpoint(args) -> Path | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint != "auto":
+        path = Path(args.resume_from_checkpoint)
+        if not (path / "trainer_state.pt").is_file():
+            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.pt)")
+        return path
+    out = Path(args.output_dir)
+    found = sorted(((int(m[1]), p) for p in out.iterdir() if (m := CKPT.match(p.name))), reverse=True) \
+        if out.is_dir() else []
+    for _, p in found:
+        if all((p / f).is_file() for f in qcd.ADAPTER_FILES + ("trainer_state.pt",)):
+            return p
+        print0(f"warning: skipping incomplete checkpoint {p}")
+    print0("resume: no checkpoint in --output_dir yet, starting from scratch")
+    return None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, d: Dist) -> dict:
+    from safetensors.torch import load_file
+    from peft import set_peft_model_state_dict
+
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    set_peft_model_state_dict(model.backbone, load_file(str(path / "adapter_model.safetensors")))
+    model.score.weight.data.copy_(load_file(str(path / "head.safetensors"))["score.weight"])
+    optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    scaler.load_state_dict(state.pop("scaler"))
+    rng = state.pop("rng")
+    mine = rng[d.rank] if d.rank < len(rng) else rng[0]
+    torch.set_rng_state(mine["torch"])
+    if mine["cuda"] is not None and d.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"])
+    return state
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    d = setup_distributed(args.device)
+    try:
+        return train(args, d)
+    finally:
+        cleanup()
+
+
+def train(args, d: Dist) -> int:
+    from transformers import get_linear_schedule_with_warmup
+    from tqdm.auto import tqdm
+
+    labels = D.parse_labels(args.labels)
+    out = Path(args.output_dir)
+    weight_dtype, amp_dtype, use_scaler, precision_reason = choose_precision(args, d.device)
+    packing = args.packing == "on" or (args.packing == "auto" and d.device.type == "cuda")
+    # validate everything that can be wrong (checkpoint, output folder, every data row) before writing anything
+    tokenizer = qcd.load_tokenizer(qcd.check_checkpoint(args.checkpoint))
+    check_output_dir(out)
+    splits = load_data(args, labels, tokenizer, d)
+    train_split, val_split = splits["train"], splits["val"]
+
+    torch.manual_seed(args.seed)  # same head init on every rank
+    model, tokenizer, identity = qcd.build_classifier(
+        args.checkpoint, labels, args.dropout, args.pooling, weight_dtype, args.attn_implementation,
+        lora=dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                  targets=[t.strip() for t in args.lora_target_modules.split(",") if t.strip()]))
+    model.to(d.device)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "args.json", vars(args))
+    pad_id = tokenizer.pad_token_id
+
+    def epoch_steps(epoch):
+        batches = D.length_grouped_batches(train_split.lengths, args.batch_size, args.seed, epoch,
+                                           args.group_by_length)
+        return D.training_steps(batches, args.gradient_accumulation_steps, d.world)
+
+    steps_per_epoch = len(epoch_steps(0))
+    if steps_per_epoch == 0:
+        raise UserError(f"--train_data {args.train_data}: {len(train_split)} texts are fewer than one micro-batch "
+                        f"per process ({d.world} processes); lower --batch_size")
+    total_steps = steps_per_epoch * args.num_epochs
+    params = qcd.count_parameters(model)
+    banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reason, packing, params, tokenizer)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate,
+                                  fused=d.device.type == "cuda")
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=use_scaler)
+    cw = class_weights(args, train_split, len(labels))
+    cw_dev = cw.to(d.device) if cw is not None else None
+
+    meta = {"labels": list(labels), "id2label": {i: n for i, n in enumerate(labels)},
+            "max_length": args.max_length, "base": identity,
+            "args": {k: v for k, v in vars(args).items()}, "metrics": None}
+    state = {"global_step": 0, "best_metric": None, "best_step": None, "nonfinite_run": 0}
+    resume = find_checkpoint(args)
+    if resume is not None:
+        state.update(load_checkpoint(resume, model, optimizer, scheduler, scaler, d))
+        print0(f"resumed from {resume} at step {state['global_step']}")
+    else:
+        torch.manual_seed(args.seed + d.rank)  # dropout masks differ per rank
+
+    ddp = model
+    if d.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    model.train()
+    metrics_log = (out / "metrics.jsonl").open("a", encoding="utf-8") if d.main else None
+
+    def log(record: dict) -> None:
+        if metrics_log:
+            metrics_log.write(json.dumps(record, ensure_ascii=False) + "\n")
+            metrics_log.flush()
+
+    def run_eval(step: int) -> None:
+        m = evaluate(model, val_split, labels, args, d, packing, amp_dtype, pad_id)
+        improved = state["best_metric"] is None or m["macro_f1"] > state["best_metric"]
+        print0(f"eval step {step} | val accuracy {m['accuracy']:.4f} | val macro-F1 {m['macro_f1']:.4f}"
+               + (" | new best" if improved else f" | best {state['best_metric']:.4f} at {state['best_step']}"))
+        log({"step": step, "split": "val", **{k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")}})
+        if improved:
+            state.update(best_metric=m["macro_f1"], best_step=step)
+            if d.main:
+                qcd.save_adapter(model, out / "best_model", {**meta, "metrics": {"val": m, "step": step}})
+        barrier(d)
+
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
+               disable=not d.main or args.no_progress, dynamic_ncols=True)
+    loss_acc = torch.zeros((), device=d.device)
+    samples_acc, tokens_acc, t_last, steps_since = 0, 0, time.perf_counter(), 0
+    start_epoch = state["global_step"] // steps_per_epoch
+    for epoch in range(start_epoch, args.num_epochs):
+        for i, step in enumerate(epoch_steps(epoch)):
+            if epoch * steps_per_epoch + i < state["global_step"]:
+                continue  # already done before the resume
+            micro = step[d.rank::d.world]
+            idx_all = [j for mb in step for j in mb]
+            # loss = sum over the step's texts / their count (or weight sum): every rank knows the whole step,
+            # so the normaliser is exact, and DDP's gradient averaging is undone by the factor world
+            norm = float(cw[train_split.labels[idx_all]].sum()) if cw is not None else float(len(idx_all))
+            for k, mb in enumerate(micro):
+                seqs = [train_split.input_ids[j] for j in mb]
+                enc = D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id)
+                enc = {key: v.to(d.device, non_blocking=True) for key, v in enc.items()}
+                y = torch.as_tensor(train_split.labels[mb], device=d.device)
+                sync = k == len(micro) - 1
+                with (contextlib.nullcontext() if sync or not d.enabled else ddp.no_sync()):
+                    with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        logits = ddp(**enc)
+                    ce = F.cross_entropy(logits, y, weight=cw_dev, reduction="sum")
+                    scaler.scale(ce * (d.world / norm)).backward()
+                loss_acc += ce.detach() / norm
+                samples_acc += len(mb)
+                tokens_acc += sum(len(s) for s in seqs)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else 1e30)
+            if use_scaler:
+                scaler.step(optimizer)  # skips the update itself when the scaled gradients overflowed
+            elif torch.isfinite(grad_norm):
+                optimizer.step()
+            finite = bool(torch.isfinite(grad_norm))
+            state["nonfinite_run"] = 0 if finite else state["nonfinite_run"] + 1
+            if state["nonfinite_run"] >= args.max_nonfinite_steps:
+                raise UserError(f"{state['nonfinite_run']} consecutive steps with a non-finite loss/gradient at step "
+                                f"{state['global_step'] + 1}; lower --learning_rate or use --bf16 instead of --fp16 "
+                                f"(best_model from step {state['best_step']} is intact)")
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            steps_since += 1
+            gs = state["global_step"]
+            bar.update(1)
+
+            if gs % args.logging_steps == 0 or gs == total_steps:
+                loss = float(all_reduce_sum(loss_acc, d)) / steps_since  # every rank
+                dt = time.perf_counter() - t_last
+                rate = samples_acc * d.world / dt
+                line = (f"step {gs}/{total_steps} | epoch {gs / steps_per_epoch:.2f} | loss {loss:.4f} | "
+                        f"lr {scheduler.get_last_lr()[0]:.2e} | grad_norm {float(grad_norm):.3f} | "
+                        f"{1000 * dt / steps_since:.0f} ms/step | {rate:.1f} samples/s | "
+                        f"{tokens_acc * d.world / dt:.0f} tokens/s")
+                if d.main:
+                    bar.write(line) if not args.no_progress else print(line, flush=True)
+                log({"step": gs, "epoch": gs / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                     "grad_norm": float(grad_norm), "ms_per_step": 1000 * dt / steps_since, "samples_per_s": rate})
+                loss_acc.zero_()
+                samples_acc, tokens_acc, t_last, steps_since = 0, 0, time.perf_counter(), 0
+            if gs % args.eval_steps == 0 or gs == total_steps:
+                run_eval(gs)
+            if gs % args.save_steps == 0 or gs == total_steps:
+                save_checkpoint(out / f"checkpoint-{gs}", model, {**meta, "metrics": None}, optimizer, scheduler,
+                                scaler, dict(state), d)
+                if d.main:
+                    rotate_checkpoints(out, args.save_total_limit)
+                t_last = time.perf_counter()  # eval/save time is not training throughput
+    bar.close()
+    if metrics_log:
+        metrics_log.close()
+    print0(f"training done: best val macro-F1 {state['best_metric']:.4f} at step {state['best_step']}; "
+           f"adapter in {out / 'best_model'}")
+
+    if args.test_data or args.merge:
+        best, tok, best_meta = qcd.load_classifier(args.checkpoint, out / "best_model", weight_dtype,
+                                                   args.attn_implementation)
+        best.to(d.device)
+        if args.test_data:
+            m = evaluate(best, splits["test"], labels, args, d, packing, amp_dtype, pad_id)
+            print0("test results (best_model):\n" + format_report(m))
+            if d.main:
+                write_json(out / "test_results.json", {"model": str(out / "best_model"), "test_data": args.test_data,
+                                                       "best_step": state["best_step"], **m})
+        if args.merge and d.main:
+            qcd.export_merged(best, tok, out / "best_model_merged", best_meta)
+            print0(f"merged model in {out / 'best_model_merged'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -296,7 +296,7 @@ def train(args, d: Dist) -> int:
     train_split, val_split = splits["train"], splits["val"]
 
     torch.manual_seed(args.seed)  # same head init on every rank
-    model, tokenizer, identity = qcd.build_classifier(
+    model, identity = qcd.build_classifier(
         args.checkpoint, labels, args.dropout, args.pooling, weight_dtype, args.attn_implementation,
         lora=dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                   targets=[t.strip() for t in args.lora_target_modules.split(",") if t.strip()]))

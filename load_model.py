@@ -1,0 +1,107 @@
+"""Inspect a Qwen3 checkpoint (and optionally a trained adapter) before training or deploying.
+
+    python load_model.py --checkpoint /path/to/Qwen3-1.7B
+    python load_model.py --checkpoint /path/to/Qwen3-1.7B --lora_model ./lora_model/best_model
+    python load_model.py --checkpoint /path/to/Qwen3-1.7B --lora_r 16 --print_model
+
+Prints the architecture (layers, hidden size, heads / KV heads, vocabulary, tied embeddings, dtype),
+parameter counts with and without LoRA, where LoRA attaches, the head's shape and, for an adapter, its
+labels, training arguments and the metrics it was chosen by.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import qwen3_classification_direct as qcd
+from lft import data as D
+from lft.common import UserError, run_cli
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="local Qwen3 folder (not needed for a merged model)")
+    p.add_argument("--lora_model", default=None, help="adapter (best_model/) or merged folder to inspect")
+    p.add_argument("--labels", default=None, help="label names for a fresh head (default: the six safety labels)")
+    p.add_argument("--pooling", choices=("last", "mean"), default="last")
+    p.add_argument("--lora_r", type=int, default=8)
+    p.add_argument("--lora_alpha", type=int, default=16)
+    p.add_argument("--lora_target_modules", default=",".join(qcd.LORA_TARGETS))
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype to load the base in")
+    p.add_argument("--print_model", action="store_true", help="also print the full module tree")
+    args = p.parse_args(argv)
+    if not args.checkpoint and not args.lora_model:
+        raise UserError("give --checkpoint (a Qwen3 folder) and/or --lora_model")
+    if args.lora_r < 1:
+        raise UserError("--lora_r must be >= 1")
+    return args
+
+
+def describe(model, title: str) -> list[str]:
+    total, trainable = qcd.count_parameters(model)
+    return [f"{title:<28} {total:>15,} parameters, {trainable:>12,} trainable ({100 * trainable / total:.3f}%)"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    meta = None
+    if args.lora_model:
+        model, _, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype)
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n or n.startswith("score."))
+    else:
+        labels = D.parse_labels(args.labels)
+        model, _ = qcd.build_classifier(args.checkpoint, labels, 0.0, args.pooling, dtype)
+    backbone = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
+    cfg = backbone.config
+    emb = backbone.get_input_embeddings().weight
+    lines = [f"model folder                 {args.checkpoint or args.lora_model}",
+             f"architecture                 Qwen3: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+             f"intermediate {cfg.intermediate_size}",
+             f"attention                    {cfg.num_attention_heads} query heads, {cfg.num_key_value_heads} KV heads, "
+             f"head dim {getattr(cfg, 'head_dim', cfg.hidden_size // cfg.num_attention_heads)}",
+             f"vocabulary                   {cfg.vocab_size:,} embedding rows ({tuple(emb.shape)})",
+             f"tied embeddings (checkpoint) {getattr(cfg, 'tie_word_embeddings', None)} "
+             "- the classifier builds no LM head, so nothing is tied to its head",
+             f"weights dtype                {emb.dtype}",
+             f"max positions                {cfg.max_position_embeddings:,}"]
+    head = model.score.weight
+    lines.append(f"classification head          score: Linear({head.shape[1]} -> {head.shape[0]}, no bias), "
+                 f"pooling '{model.pooling}'")
+    if meta is None:
+        backbone.requires_grad_(False)  # what training freezes
+        lines += describe(model, "without LoRA (head only)")
+        targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+        qcd.add_lora(model, args.lora_r, args.lora_alpha, 0.0, targets)
+        lines += describe(model, f"with LoRA r={args.lora_r}")
+    else:
+        lines += describe(model, "with the adapter")
+    attached = sorted({n.rsplit(".lora_A", 1)[0].split("layers.")[-1].split(".", 1)[-1]
+                       for n, _ in model.named_parameters() if ".lora_A" in n})
+    lora_layers = len({n.split("layers.")[1].split(".")[0] for n, _ in model.named_parameters() if ".lora_A" in n})
+    lines.append(f"LoRA attaches to             {', '.join(attached)} in {lora_layers} of {cfg.num_hidden_layers} layers")
+    if meta is not None:
+        lines.append(f"labels                       {', '.join(f'{i}={n}' for i, n in enumerate(meta['labels']))}")
+        lines.append(f"trained on base              {meta['base']['name']} ({meta['base']['path']})")
+        lines.append(f"max_length                   {meta['max_length']}")
+        if meta.get("metrics"):
+            v = meta["metrics"]["val"]
+            lines.append(f"chosen at step               {meta['metrics']['step']}: val macro-F1 {v['macro_f1']:.4f}, "
+                         f"accuracy {v['accuracy']:.4f}")
+        lines.append("training arguments           " + json.dumps(meta.get("args", {}), ensure_ascii=False))
+    print("\n".join(lines))
+    if args.print_model:
+        print(model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

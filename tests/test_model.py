@@ -1,0 +1,144 @@
+"""The model module: pooling, packing, equality with transformers' own classifier, save/load round trips."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, Qwen3ForSequenceClassification
+
+import qwen3_classification_direct as qcd
+from lft.common import UserError
+from lft.data import DEFAULT_LABELS, collate_packed, collate_padded
+
+TEXTS = ["今天天气很好，我们一起去公园散步。", "出售假证件，量大从优", "hello 世界", "某些人就是素质低，千万别和他们来往，看着就烦。"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_ckpt):
+    torch.manual_seed(0)
+    model, _ = qcd.build_classifier(tiny_ckpt, DEFAULT_LABELS, dropout=0.0,
+                                    lora=dict(r=4, alpha=8, dropout=0.0))
+    # non-zero LoRA B so the adapter actually changes the output (peft initialises B to zero)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model.eval(), qcd.load_tokenizer(tiny_ckpt)
+
+
+def encode(tok, texts=TEXTS):
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_pad_token_is_endoftext(model_and_tok):
+    _, tok = model_and_tok
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == 151643
+
+
+def test_no_lm_head_and_head_shape(model_and_tok):
+    model, _ = model_and_tok
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("lm_head" in n for n in names)
+    assert model.score.weight.shape == (6, 64) and model.score.bias is None
+    assert model.score.weight.data_ptr() != model.backbone.get_input_embeddings().weight.data_ptr()
+
+
+def test_last_token_pooling_left_equals_right_padding(model_and_tok):
+    model, tok = model_and_tok
+    seqs = encode(tok)
+    with torch.no_grad():
+        right = model(**collate_padded(seqs, tok.pad_token_id, "right"))
+        left = model(**collate_padded(seqs, tok.pad_token_id, "left"))
+        single = torch.cat([model(**collate_padded([s], tok.pad_token_id)) for s in seqs])
+    assert torch.allclose(right, single, atol=1e-5)
+    assert torch.allclose(left, single, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_packed_equals_padded(tiny_ckpt, pooling):
+    torch.manual_seed(1)
+    model, _ = qcd.build_classifier(tiny_ckpt, DEFAULT_LABELS, dropout=0.0, pooling=pooling)
+    model.eval()
+    tok = qcd.load_tokenizer(tiny_ckpt)
+    seqs = encode(tok)
+    with torch.no_grad():
+        padded = model(**collate_padded(seqs, tok.pad_token_id))
+        packed = model(**collate_packed(seqs))
+    assert (padded - packed).abs().max().item() <= 1e-5
+
+
+def test_matches_transformers_sequence_classification(tiny_ckpt):
+    torch.manual_seed(2)
+    ours, _ = qcd.build_classifier(tiny_ckpt, DEFAULT_LABELS, dropout=0.1)
+    ours.eval()
+    tok = qcd.load_tokenizer(tiny_ckpt)
+    hf = Qwen3ForSequenceClassification.from_pretrained(tiny_ckpt, num_labels=6, pad_token_id=tok.pad_token_id)
+    hf.score.weight.data.copy_(ours.score.weight.data)
+    hf.eval()
+    seqs = encode(tok)
+    for side in ("right", "left"):
+        enc = collate_padded(seqs, tok.pad_token_id, side)
+        with torch.no_grad():
+            a = ours(**enc)
+            b = hf(**enc).logits
+        assert torch.allclose(a, b, atol=1e-5), side
+
+
+def test_adapter_round_trip_identical_logits(model_and_tok, tiny_ckpt, tmp_path):
+    model, tok = model_and_tok
+    from qwen3_classification_direct import base_identity
+    meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {}, "metrics": None,
+            "base": base_identity(tiny_ckpt, model.backbone.get_base_model())}
+    qcd.save_adapter(model, tmp_path / "adapter", meta)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(qcd.ADAPTER_FILES)
+    loaded, _, meta2 = qcd.load_classifier(tiny_ckpt, tmp_path / "adapter")
+    assert meta2["labels"] == list(DEFAULT_LABELS)
+    enc = collate_padded(encode(tok), tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(model(**enc), loaded(**enc))
+
+    # merged export: same logits through our loader and through plain transformers
+    qcd.export_merged(loaded, tok, tmp_path / "merged", meta2, dtype=torch.float32)
+    merged, _, _ = qcd.load_classifier(None, tmp_path / "merged")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert hf.config.id2label[3] == "政治安全" and hf.config.pad_token_id == tok.pad_token_id
+    with torch.no_grad():
+        ref = model(**enc)
+        assert torch.allclose(merged(**enc), ref, atol=1e-5)
+        assert torch.allclose(hf(**enc).logits, ref, atol=1e-5)
+
+
+def test_adapter_refuses_other_base(model_and_tok, tiny_ckpt, tmp_path):
+    from lft.demo import build_tiny_qwen3
+    from qwen3_classification_direct import base_identity
+
+    model, _ = model_and_tok
+    meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {}, "metrics": None,
+            "base": base_identity(tiny_ckpt, model.backbone.get_base_model())}
+    qcd.save_adapter(model, tmp_path / "adapter", meta)
+    other = build_tiny_qwen3(tmp_path / "other", seed=7)
+    with pytest.raises(UserError, match="weights differ"):
+        qcd.load_classifier(other, tmp_path / "adapter")
+    wider = build_tiny_qwen3(tmp_path / "wider", hidden=32)
+    with pytest.raises(UserError, match="architecture differs"):
+        qcd.load_classifier(wider, tmp_path / "adapter")
+
+
+def test_checkpoint_checks(tmp_path, tiny_ckpt):
+    with pytest.raises(UserError, match="not a folder"):
+        qcd.check_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        qcd.check_checkpoint(tmp_path / "empty")
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny_ckpt / "config.json").read_text())
+    (bad / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="only safetensors"):
+        qcd.check_checkpoint(bad)
+    idx = tmp_path / "sharded"
+    idx.mkdir()
+    (idx / "config.json").write_text((tiny_ckpt / "config.json").read_text())
+    (idx / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="incomplete download"):
+        qcd.check_checkpoint(idx)

@@ -24,6 +24,7 @@ Adapter folder (best_model/, checkpoint-*/):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -42,6 +43,60 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PAD_TOKEN = "<|endoftext|>"  # Qwen3 ships no pad token; this is the one Qwen's own configs use
 # peft 0.21 still calls this transformers-5 deprecated alias on every wrap; it is noise to users
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+VARLEN = "lft_varlen"  # our attention implementation for packed rows on CUDA (see varlen_attention)
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal flash attention over a packed row, one segment per text (torch.nn.attention.varlen).
+
+    Called by transformers' Qwen3 attention with query (1, Hq, T, D), key/value (1, Hkv, T, D) and the
+    cu_seq_lens_q/max_length_q kwargs the classifier passes down. Work is sum(len_i^2), not T^2, and no mask
+    tensor is built. Flash attention handles grouped KV heads natively."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **_varlen_kwargs(k.shape[1] != q.shape[1]))
+    return out.unsqueeze(0), None  # (1, T, Hq, D), as transformers' sdpa_attention_forward returns
+
+
+@functools.lru_cache(maxsize=2)
+def _varlen_kwargs(gqa: bool) -> dict:
+    """torch 2.10/2.11 take is_causal=True; 2.12+ take window_size=(-1, 0) and enable_gqa."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    out = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if gqa and "enable_gqa" in params:
+        out["enable_gqa"] = True
+    return out
+
+
+def register_varlen_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)  # segments come from cu_seqlens
+
+
+def choose_attention(requested: str, packing: bool, device) -> str:
+    """'auto': varlen flash attention for packed rows on CUDA; sdpa otherwise (on CPU, packed rows get a
+    block-diagonal mask that transformers derives from the restarting position ids)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        have_varlen = torch.device(device).type == "cuda"
+    except ImportError:
+        have_varlen = False
+    if requested == "varlen":
+        if not (have_varlen and packing):
+            raise UserError("--attn_implementation varlen needs CUDA, torch >= 2.10 and --packing on")
+        return VARLEN
+    if requested == "auto":
+        return VARLEN if have_varlen and packing else "sdpa"
+    return requested
 
 
 class Qwen3Classifier(nn.Module):
@@ -56,11 +111,19 @@ class Qwen3Classifier(nn.Module):
         self.score = nn.Linear(hidden, num_labels, bias=False, dtype=torch.float32)
         nn.init.xavier_uniform_(self.score.weight)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_len=None):
         """Logits (B, num_labels) in float32. use_cache=False: a KV cache is for generation, and with one
         transformers also stops deriving the packed (block-diagonal) mask from position ids."""
         if cu_seqlens is not None:  # packed: one row, samples back to back
-            h = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
+            if self.backbone.config._attn_implementation == VARLEN:
+                # mask mapping given as a dict: transformers builds no mask (and syncs nothing) for it
+                h = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                  attention_mask={"full_attention": None}, cu_seq_lens_q=cu_seqlens,
+                                  cu_seq_lens_k=cu_seqlens, max_length_q=max_len, max_length_k=max_len
+                                  ).last_hidden_state[0]
+            else:
+                h = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False
+                                  ).last_hidden_state[0]
             ends = cu_seqlens[1:].long()
             if self.pooling == "last":
                 pooled = h[ends - 1]
@@ -126,6 +189,8 @@ def load_backbone(checkpoint, dtype=torch.float32, attn_implementation: str = "s
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor bar for a local load says nothing useful
+    if attn_implementation == VARLEN:
+        register_varlen_attention()
 
     return Qwen3Model.from_pretrained(str(checkpoint), dtype=dtype, attn_implementation=attn_implementation,
                                       local_files_only=True, trust_remote_code=False, use_safetensors=True)
@@ -313,15 +378,14 @@ def export_merged(model: Qwen3Classifier, tokenizer, folder, meta: dict, dtype=t
 def predict_probs(model: Qwen3Classifier, input_ids: list[list[int]], batches: list[list[int]], device,
                   pad_id: int, packing: bool = False, amp_dtype=None) -> dict[int, torch.Tensor]:
     """Class probabilities for the samples in `batches` (lists of indices into input_ids), on the CPU."""
-    from lft.data import collate_packed, collate_padded
+    from lft.data import collate_packed, collate_padded, to_device
 
     was_training = model.training
     model.eval()
     order, chunks = [], []
     for batch in batches:
         seqs = [input_ids[i] for i in batch]
-        enc = collate_packed(seqs) if packing else collate_padded(seqs, pad_id)
-        enc = {k: v.to(device, non_blocking=True) for k, v in enc.items()}
+        enc = to_device(collate_packed(seqs) if packing else collate_padded(seqs, pad_id), device)
         with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             chunks.append(F.softmax(model(**enc), dim=-1))  # stays on the device: one transfer at the end

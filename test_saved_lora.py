@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 weights (default on a GPU)")
     p.add_argument("--fp32", action="store_true")
     p.add_argument("--packing", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager", "flex_attention"))
+    p.add_argument("--attn_implementation", default="auto", choices=("auto", "sdpa", "eager", "varlen"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args(argv)
     problems = []
@@ -77,13 +77,14 @@ def run(args, d) -> int:
     else:
         dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
     amp = dtype if dtype != torch.float32 else None
-    model, tokenizer, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype, args.attn_implementation)
+    packing = args.packing == "on" or (args.packing == "auto" and d.device.type == "cuda")
+    attn = qcd.choose_attention(args.attn_implementation, packing, d.device)
+    model, tokenizer, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype, attn)
     model.to(d.device)
     labels = meta["labels"]
     max_length = args.max_length or meta["max_length"]
     split = D.load_split(args.test_data, labels, args.text_column, args.label_column)
     D.tokenize_split(split, tokenizer, max_length, show=d.main)
-    packing = args.packing == "on" or (args.packing == "auto" and d.device.type == "cuda")
     print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {str(dtype)[6:]}); "
            f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 

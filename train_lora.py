@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha (scale = alpha / r)")
     p.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input")
     p.add_argument("--lora_target_modules", default=",".join(qcd.LORA_TARGETS), help="modules that get LoRA")
-    p.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager", "flex_attention"),
-                   help="attention kernel of the decoder")
+    p.add_argument("--attn_implementation", default="auto", choices=("auto", "sdpa", "eager", "varlen"),
+                   help="attention kernel (auto: varlen flash attention for packed rows on CUDA, else sdpa)")
     # --- optimisation
     p.add_argument("--num_epochs", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=18, help="texts per micro-batch per process")
@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp32", action="store_true", help="full fp32 even on a GPU")
     p.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
                    help="pack each micro-batch into one row without padding (auto: on for CUDA)")
+    p.add_argument("--max_tokens_per_row", type=int, default=16384,
+                   help="with packing: a process's accumulation micro-batches share rows of up to this many tokens")
     p.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
                    help="plain shuffled batches instead of length-grouped ones")
     p.add_argument("--max_nonfinite_steps", type=int, default=5,
@@ -289,6 +291,7 @@ def train(args, d: Dist) -> int:
     out = Path(args.output_dir)
     weight_dtype, amp_dtype, use_scaler, precision_reason = choose_precision(args, d.device)
     packing = args.packing == "on" or (args.packing == "auto" and d.device.type == "cuda")
+    attn = qcd.choose_attention(args.attn_implementation, packing, d.device)
     # validate everything that can be wrong (checkpoint, output folder, every data row) before writing anything
     tokenizer = qcd.load_tokenizer(qcd.check_checkpoint(args.checkpoint))
     check_output_dir(out)
@@ -297,7 +300,7 @@ def train(args, d: Dist) -> int:
 
     torch.manual_seed(args.seed)  # same head init on every rank
     model, identity = qcd.build_classifier(
-        args.checkpoint, labels, args.dropout, args.pooling, weight_dtype, args.attn_implementation,
+        args.checkpoint, labels, args.dropout, args.pooling, weight_dtype, attn,
         lora=dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                   targets=[t.strip() for t in args.lora_target_modules.split(",") if t.strip()]))
     model.to(d.device)
@@ -375,14 +378,15 @@ def train(args, d: Dist) -> int:
             if epoch * steps_per_epoch + i < state["global_step"]:
                 continue  # already done before the resume
             micro = step[d.rank::d.world]
+            if packing:
+                micro = D.merge_for_packing(micro, train_split.lengths, args.max_tokens_per_row)
             idx_all = [j for mb in step for j in mb]
             # loss = sum over the step's texts / their count (or weight sum): every rank knows the whole step,
             # so the normaliser is exact, and DDP's gradient averaging is undone by the factor world
             norm = float(cw[train_split.labels[idx_all]].sum()) if cw is not None else float(len(idx_all))
             for k, mb in enumerate(micro):
                 seqs = [train_split.input_ids[j] for j in mb]
-                enc = D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id)
-                enc = {key: v.to(d.device, non_blocking=True) for key, v in enc.items()}
+                enc = D.to_device(D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id), d.device)
                 y = torch.as_tensor(train_split.labels[mb], device=d.device)
                 sync = k == len(micro) - 1
                 with (contextlib.nullcontext() if sync or not d.enabled else ddp.no_sync()):
@@ -442,8 +446,7 @@ def train(args, d: Dist) -> int:
            f"adapter in {out / 'best_model'}")
 
     if args.test_data or args.merge:
-        best, tok, best_meta = qcd.load_classifier(args.checkpoint, out / "best_model", weight_dtype,
-                                                   args.attn_implementation)
+        best, tok, best_meta = qcd.load_classifier(args.checkpoint, out / "best_model", weight_dtype, attn)
         best.to(d.device)
         if args.test_data:
             m = evaluate(best, splits["test"], labels, args, d, packing, amp_dtype, pad_id)

@@ -196,4 +196,25 @@ def collate_packed(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
     cu[1:] = torch.cumsum(lens, 0)
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long).unsqueeze(0)
     pos = torch.cat([torch.arange(n, dtype=torch.long) for n in lens.tolist()]).unsqueeze(0)
-    return {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu}
+    # max_len is a host int: flash attention needs it, and reading it off a device tensor would sync
+    return {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "max_len": int(lens.max())}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def merge_for_packing(micro_batches: list[list[int]], lengths, max_tokens: int) -> list[list[int]]:
+    """With packing, a rank's accumulation micro-batches become as few rows as fit `max_tokens`: the loss is a
+    sum over the step's texts either way, so the gradient is the same, with fewer, larger kernels."""
+    rows, cur, cur_tokens = [], [], 0
+    for mb in micro_batches:
+        n = int(sum(lengths[i] for i in mb))
+        if cur and cur_tokens + n > max_tokens:
+            rows.append(cur)
+            cur, cur_tokens = [], 0
+        cur = cur + list(mb)
+        cur_tokens += n
+    if cur:
+        rows.append(cur)
+    return rows

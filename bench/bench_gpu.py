@@ -1,0 +1,369 @@
+"""GPU benchmark: the reference recipes and the project's own training step and evaluation, side by side.
+
+Runs on one CUDA GPU with the machine's own torch/transformers/peft. Builds a Qwen3-1.7B-shaped model from
+its known config (random weights: the speed is the same), draws texts whose token lengths are log-normal
+with median 70 clipped to [8, 256], and prints one table: samples/s, real (non-padding) tokens/s, MFU
+against a bf16 matmul ceiling measured in the same run, peak memory, and the projected time of the
+original full recipe (45,000 texts x 3 epochs at 36 texts per optimizer step, 18,000 validation texts
+evaluated every 200 steps).
+
+    python bench/bench_gpu.py [--quick] [--out DIR]
+
+MFU counts 4 x N x real tokens/s for LoRA training (forward 2N, backward to activations 2N; frozen base
+weights get no weight gradients) and 2 x N for evaluation, N = 1.41e9 non-embedding parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import qwen3_classification_direct as qcd  # noqa: E402
+from lft import data as D  # noqa: E402
+
+QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+LORA = dict(r=8, alpha=16, dropout=0.1)
+DEV = torch.device("cuda")
+ROWS = []
+
+
+def non_embedding_params(cfg) -> int:
+    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    qo = 2 * h * cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = 2 * h * cfg["num_key_value_heads"] * cfg["head_dim"]
+    return L * (qo + kv + 3 * h * i + 2 * h + 2 * cfg["head_dim"]) + h
+
+
+N_PARAMS = non_embedding_params(QWEN3_1_7B)
+
+
+def matmul_ceiling() -> float:
+    n = 8192
+    a, b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16), torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    times.sort()
+    return 2 * n ** 3 / times[len(times) // 2]
+
+
+def lengths(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.exp(math.log(70) + 0.6 * torch.randn(n, generator=g))
+    return x.round().clamp(8, 256).long().tolist()
+
+
+def texts_of(lens: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 151643, (n,), generator=g).tolist() for n in lens]
+
+
+def hf_config(attn: str):
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(**QWEN3_1_7B, num_labels=6, pad_token_id=151643)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def build_hf(dtype, attn="sdpa"):
+    """transformers' Qwen3ForSequenceClassification + peft LoRA on q/k/v/o, head trainable (the reference)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3ForSequenceClassification
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = Qwen3ForSequenceClassification(hf_config(attn)).to(dtype)
+    cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                     target_modules=list(qcd.LORA_TARGETS), modules_to_save=["score"], task_type="SEQ_CLS")
+    return get_peft_model(model, cfg)
+
+
+def build_ours(attn=qcd.VARLEN):
+    from transformers import Qwen3Model
+
+    torch.manual_seed(0)
+    if attn == qcd.VARLEN:
+        qcd.register_varlen_attention()
+    with torch.device(DEV):
+        backbone = Qwen3Model(hf_config(attn)).to(torch.bfloat16)
+    model = qcd.Qwen3Classifier(backbone, 6, 0.1, "last").to(DEV)
+    return qcd.add_lora(model, **LORA)
+
+
+def timed(fn, steps: int, warmup: int):
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for i in range(steps):
+        fn(warmup + i)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def record(name, kind, samples, tokens, seconds, peak, ceiling, note=""):
+    flops = (4 if kind == "train" else 2) * N_PARAMS * tokens / seconds
+    row = {"recipe": name, "kind": kind, "samples_s": samples / seconds, "tokens_s": tokens / seconds,
+           "mfu": flops / ceiling, "peak_gib": peak, "note": note}
+    ROWS.append(row)
+    print(f"  {name}: {row['samples_s']:.0f} samples/s, {row['tokens_s'] / 1e3:.1f}k tok/s, "
+          f"MFU {100 * row['mfu']:.1f}%, peak {peak:.1f} GiB {note}", flush=True)
+    return row
+
+
+def free(*objs):
+    for o in objs:
+        del o
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# --- reference recipes ------------------------------------------------------------------------------------
+
+def ref_train(name, seqs, dtype, amp, batch, mode, ceiling, steps, warmup):
+    model = build_hf(dtype)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-5)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if mode == "grouped" else list(range(len(seqs)))
+    if mode == "grouped":  # length-grouped batches in random order
+        chunks = [order[i:i + batch] for i in range(0, len(order), batch)]
+        g = torch.Generator().manual_seed(0)
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist()]
+    counts = {"samples": 0, "tokens": 0}
+
+    def step(i):
+        if mode == "packed":  # one row of `batch` tokens, position ids restarting per text
+            picked, total, j = [], 0, (i * 97) % len(seqs)
+            while total + len(seqs[j]) <= batch:
+                picked.append(seqs[j])
+                total += len(seqs[j])
+                j = (j + 1) % len(seqs)
+            enc = D.collate_packed(picked)
+            inputs = {"input_ids": enc["input_ids"].to(DEV), "position_ids": enc["position_ids"].to(DEV)}
+            y = torch.randint(0, 6, (len(picked),), device=DEV)
+            with torch.autocast("cuda", dtype=amp):
+                h = model.base_model.model.model(**inputs, use_cache=False).last_hidden_state[0]
+                logits = model.base_model.model.score(h[enc["cu_seqlens"][1:].long().to(DEV) - 1])
+            n, t = len(picked), total
+        else:
+            idx = chunks[i % len(chunks)] if mode == "grouped" else [(i * batch + k) % len(seqs) for k in range(batch)]
+            picked = [seqs[k] for k in idx]
+            enc = D.collate_padded(picked, 151643)
+            if mode == "pad256":
+                w = 256 - enc["input_ids"].shape[1]
+                enc = {k: F.pad(v, (0, w), value=151643 if k == "input_ids" else 0) for k, v in enc.items()}
+            enc = {k: v.to(DEV) for k, v in enc.items()}
+            y = torch.randint(0, 6, (len(picked),), device=DEV)
+            with torch.autocast("cuda", dtype=amp):
+                logits = model(**enc).logits
+            n, t = len(picked), sum(len(s) for s in picked)
+        loss = F.cross_entropy(logits.float(), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            counts["samples"] += n
+            counts["tokens"] += t
+
+    sec, peak = timed(step, steps, warmup)
+    row = record(name, "train", counts["samples"], counts["tokens"], sec, peak, ceiling)
+    free(model, opt)
+    return row
+
+
+def ref_eval(name, seqs, dtype, amp, batch, mode, ceiling):
+    model = build_hf(dtype).eval()
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i])) if mode == "sorted" else list(range(len(seqs)))
+    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
+
+    @torch.inference_mode()
+    def run(_):
+        for b in batches:
+            enc = D.collate_padded([seqs[k] for k in b], 151643)
+            if mode == "pad256":
+                w = 256 - enc["input_ids"].shape[1]
+                enc = {k: F.pad(v, (0, w), value=151643 if k == "input_ids" else 0) for k, v in enc.items()}
+            with torch.autocast("cuda", dtype=amp):
+                model(**{k: v.to(DEV) for k, v in enc.items()}).logits.float().softmax(-1)
+
+    sec, peak = timed(run, 1, 1)
+    row = record(name, "eval", len(seqs), sum(map(len, seqs)), sec, peak, ceiling)
+    free(model)
+    return row
+
+
+# --- the project's own code -------------------------------------------------------------------------------
+
+def ours_train(name, seqs, ceiling, steps, warmup, batch=18, accum=2, max_tokens=16384, compile_layers=False):
+    """train_lora.py's step: length-grouped batches, accumulation micro-batches merged into packed rows,
+    bf16 base + fp32 LoRA/head under bf16 autocast, exact loss normaliser, clip, fused AdamW."""
+    model = build_ours()
+    model.train()
+    if compile_layers:
+        for layer in model.backbone.get_base_model().layers:
+            layer.compile(dynamic=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-5, fused=True)
+    lens = torch.tensor([len(s) for s in seqs])
+    batches = D.length_grouped_batches(lens.numpy(), batch, seed=0, epoch=0)
+    plan = D.training_steps(batches, accum, 1)
+    counts = {"samples": 0, "tokens": 0}
+
+    def step(i):
+        micro = D.merge_for_packing(plan[i % len(plan)], lens.numpy(), max_tokens)
+        norm = float(sum(len(m) for m in micro))
+        for mb in micro:
+            enc = D.to_device(D.collate_packed([seqs[j] for j in mb]), DEV)
+            y = torch.randint(0, 6, (len(mb),), device=DEV)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(**enc)
+            (F.cross_entropy(logits, y, reduction="sum") / norm).backward()
+            if i >= warmup:
+                counts["samples"] += len(mb)
+                counts["tokens"] += int(lens[mb].sum())
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if torch.isfinite(gn):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sec, peak = timed(step, steps, warmup)
+    note = f"batch {batch}x{accum}" + (", compiled layers" if compile_layers else "")
+    row = record(name, "train", counts["samples"], counts["tokens"], sec, peak, ceiling, note)
+    free(model, opt)
+    return row
+
+
+def ours_eval(name, seqs, ceiling, max_tokens, compile_layers=False):
+    model = build_ours().eval()
+    if compile_layers:
+        for layer in model.backbone.get_base_model().layers:
+            layer.compile(dynamic=True)
+    lens = torch.tensor([len(s) for s in seqs]).numpy()
+    batches = D.eval_batches(lens, max_tokens=max_tokens)
+    sec, peak = timed(lambda _: qcd.predict_probs(model, seqs, batches, DEV, 151643, True, torch.bfloat16), 1, 1)
+    row = record(name, "eval", len(seqs), int(lens.sum()), sec, peak, ceiling, f"{max_tokens} tokens/row")
+    free(model)
+    return row
+
+
+def check_packed_equals_padded(seqs) -> float:
+    """bf16 logits of the same texts: varlen packed row vs sdpa padded batch (same weights)."""
+    model = build_ours().eval()
+    sample = seqs[:32]
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = model(**D.to_device(D.collate_packed(sample), DEV))
+        model.backbone.get_base_model().config._attn_implementation = "sdpa"
+        padded = model(**D.to_device(D.collate_padded(sample, 151643), DEV))
+    diff = (packed - padded).abs().max().item()
+    scale = padded.abs().max().item()
+    free(model)
+    return diff, scale
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="where bench_results.json goes")
+    p.add_argument("--skip", default="", help="comma-separated recipe groups to skip: ref,compile")
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    import peft
+    import transformers
+
+    print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | transformers "
+          f"{transformers.__version__} | peft {peft.__version__} | N = {N_PARAMS / 1e9:.3f}e9 non-embedding", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ceiling = matmul_ceiling()
+    print(f"measured bf16 matmul ceiling: {ceiling / 1e12:.0f} TFLOP/s", flush=True)
+    steps, warmup = (6, 2) if args.quick else (30, 5)
+    train_seqs = texts_of(lengths(4000, 0), 0)
+    eval_seqs = texts_of(lengths(2000 if args.quick else 4000, 1), 1)
+    diff, scale = check_packed_equals_padded(eval_seqs)
+    print(f"packed(varlen) vs padded(sdpa) bf16 logits: max abs diff {diff:.4f} (max |logit| {scale:.2f})", flush=True)
+
+    def attempt(fn, *a, **k):  # one failing variant must not cost the rest of the table
+        try:
+            return fn(*a, **k)
+        except Exception as e:  # noqa: BLE001 - reported in the output, the run goes on
+            print(f"  FAILED {a[0]}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            free()
+            return None
+
+    if "ref" not in skip:
+        attempt(ref_train, "original: fp32 + fp16 autocast, pad 256, batch 18", train_seqs, torch.float32, torch.float16,
+                  18, "pad256", ceiling, steps, warmup)
+        attempt(ref_train, "transformers+peft bf16, length-grouped, batch 64", train_seqs, torch.bfloat16, torch.bfloat16,
+                  64, "grouped", ceiling, steps, warmup)
+        attempt(ref_train, "transformers+peft bf16, packed row 6400 tokens", train_seqs, torch.bfloat16, torch.bfloat16,
+                  6400, "packed", ceiling, steps, warmup)
+    ours_tr = ours_train("ours: defaults (packed varlen, 18x2 per step)", train_seqs, ceiling, steps * 2, warmup)
+    attempt(ours_train, "ours: 64x2 per step", train_seqs, ceiling, steps, warmup, batch=64)
+    if "ref" not in skip:
+        attempt(ref_eval, "eval original: fp32 + fp16 autocast, pad 256, batch 18", eval_seqs, torch.float32,
+                 torch.float16, 18, "pad256", ceiling)
+        attempt(ref_eval, "eval transformers bf16, sorted, batch 256", eval_seqs, torch.bfloat16, torch.bfloat16, 256,
+                 "sorted", ceiling)
+    ours_ev = ours_eval("eval ours: defaults (packed varlen, 36x256 tokens/row)", eval_seqs, ceiling, 36 * 256)
+    attempt(ours_eval, "eval ours: 32768 tokens/row", eval_seqs, ceiling, 32768)
+    if "compile" not in skip:
+        torch._dynamo.config.cache_size_limit = 64
+        attempt(ours_train, "ours: defaults + compiled decoder layers", train_seqs, ceiling, steps * 2, warmup * 3,
+                   compile_layers=True)
+        attempt(ours_eval, "eval ours: defaults + compiled decoder layers", eval_seqs, ceiling, 36 * 256, compile_layers=True)
+
+    mean_len = sum(lengths(45000, 2)) / 45000
+    train_tokens, steps_total = 45000 * 3 * mean_len, 3 * math.ceil(45000 / 36)
+    eval_tokens = 18000 * mean_len * (steps_total // 200 + 1)
+
+    def projected(train_row, eval_row):
+        return train_tokens / train_row["tokens_s"] + eval_tokens / eval_row["tokens_s"]
+
+    print("\n| recipe | samples/s | real tokens/s | MFU | peak GiB |\n|---|---|---|---|---|")
+    for r in ROWS:
+        print(f"| {r['recipe']} | {r['samples_s']:.0f} | {r['tokens_s'] / 1e3:.1f}k | {100 * r['mfu']:.1f}% | "
+              f"{r['peak_gib']:.1f} |")
+    by = {r["recipe"]: r for r in ROWS}
+    orig_tr = by.get("original: fp32 + fp16 autocast, pad 256, batch 18")
+    orig_ev = by.get("eval original: fp32 + fp16 autocast, pad 256, batch 18")
+    print(f"\nceiling {ceiling / 1e12:.0f} TFLOP/s; packed vs padded bf16 max |dlogit| {diff:.4f}")
+    if not (ours_tr and ours_ev):
+        return 1
+    print(f"full recipe projection (45k x 3 epochs, 18k val every 200 steps, mean {mean_len:.1f} tokens): "
+          f"ours {projected(ours_tr, ours_ev) / 60:.1f} min" + (
+              f", original {projected(orig_tr, orig_ev) / 60:.1f} min; training speed-up "
+              f"{ours_tr['tokens_s'] / orig_tr['tokens_s']:.1f}x" if orig_tr and orig_ev else ""))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench_results.json").write_text(json.dumps(
+        {"ceiling": ceiling, "rows": ROWS, "packed_vs_padded_max_abs_diff": diff, "n_params": N_PARAMS,
+         "device": torch.cuda.get_device_name(), "torch": torch.__version__}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -226,8 +226,7 @@ def ours_train(name, seqs, ceiling, steps, warmup, batch=18, accum=2, max_tokens
     model = build_ours()
     model.train()
     if compile_layers:
-        for layer in model.backbone.get_base_model().layers:
-            layer.compile(dynamic=True)
+        qcd.compile_decoder_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-5, fused=True)
     lens = torch.tensor([len(s) for s in seqs])
@@ -262,8 +261,7 @@ def ours_train(name, seqs, ceiling, steps, warmup, batch=18, accum=2, max_tokens
 def ours_eval(name, seqs, ceiling, max_tokens, compile_layers=False):
     model = build_ours().eval()
     if compile_layers:
-        for layer in model.backbone.get_base_model().layers:
-            layer.compile(dynamic=True)
+        qcd.compile_decoder_layers(model)
     lens = torch.tensor([len(s) for s in seqs]).numpy()
     batches = D.eval_batches(lens, max_tokens=max_tokens)
     sec, peak = timed(lambda _: qcd.predict_probs(model, seqs, batches, DEV, 151643, True, torch.bfloat16), 1, 1)
@@ -332,7 +330,8 @@ def main(argv=None) -> int:
     ours_ev = ours_eval("eval ours: defaults (packed varlen, 36x256 tokens/row)", eval_seqs, ceiling, 36 * 256)
     attempt(ours_eval, "eval ours: 32768 tokens/row", eval_seqs, ceiling, 32768)
     if "compile" not in skip:
-        torch._dynamo.config.cache_size_limit = 64
+        attempt(ours_train, "ours: 64x2 per step + compiled decoder layers", train_seqs, ceiling, steps, warmup * 3,
+                batch=64, compile_layers=True)
         attempt(ours_train, "ours: defaults + compiled decoder layers", train_seqs, ceiling, steps * 2, warmup * 3,
                    compile_layers=True)
         attempt(ours_eval, "eval ours: defaults + compiled decoder layers", eval_seqs, ceiling, 36 * 256, compile_layers=True)

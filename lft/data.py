@@ -53,55 +53,179 @@ class Split:
     labels: np.ndarray  # int64 label ids
     input_ids: list[list[int]] = field(default_factory=list)
     n_truncated: int = 0
+    rows: np.ndarray | None = None  # each text's 0-based data row in the file (kept through --dedup)
+    notes: list[str] = field(default_factory=list)  # warnings for the log: the run is right, but look
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = np.arange(len(self.texts))
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def where(self, idx) -> str:
+        """The file rows of texts `idx`, as a user finds them (header line counted)."""
+        return _rows(self.path, [int(self.rows[i]) for i in idx])
+
+    def subset(self, keep) -> "Split":
+        keep = list(keep)
+        return Split(self.path, [self.texts[i] for i in keep], self.labels[keep],
+                     [self.input_ids[i] for i in keep] if self.input_ids else [], 0, self.rows[keep], self.notes)
 
     @property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
 
+def _missing_columns(path: Path, df, missing: list[str]) -> str:
+    """The error for absent columns, with the near misses and, for a workbook, its other sheets."""
+    import difflib
+
+    found = [str(c) for c in df.columns]
+    folded = {clean_label(c).casefold(): c for c in found}
+    hints = []
+    for c in missing:
+        near = folded.get(clean_label(c).casefold()) or next(iter(difflib.get_close_matches(c, found, 1, 0.6)), None)
+        if near is not None:
+            hints.append(f"{c!r} looks like {near!r}")
+    msg = f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(found) or '(none)'}"
+    if hints:
+        msg += f" ({'; '.join(hints)}: rename the header or pass --text_column/--label_column)"
+    else:
+        msg += " (use --text_column/--label_column)"
+    if path.suffix.lower() == ".xlsx":
+        from .tables import sheet_names
+
+        sheets = sheet_names(path)
+        if len(sheets) > 1:
+            msg += f"; only the first sheet ({sheets[0]!r}) is read, the workbook also has " \
+                   f"{', '.join(map(repr, sheets[1:]))}: move the data to the first sheet"
+    return msg
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_text(value) -> str:
+    """A cell as text; a number Excel stored as a float (3.0) reads as "3"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def load_split(path, labels=DEFAULT_LABELS, text_column="text_cn", label_column="extracted_label",
-               require_labels: bool = True) -> Split:
-    """Read one data file and validate every row; each problem names the file, the rows and the fix."""
+               require_labels: bool = True, labels_from: str = "--labels") -> Split:
+    """Read one data file and validate every row; each problem names the file, the rows and the fix.
+
+    Errors (the run could not be right): no rows, a missing column, an empty or NaN text, an unknown label.
+    Notes (the run is right, but look): texts stored as numbers, label ids mixed with label names."""
     path = Path(path)
     df = read_table(path)
     if len(df) == 0:
-        raise UserError(f"{path}: no data rows")
+        raise UserError(f"{path}: no data rows (only a header, or an empty sheet)")
     need = [text_column] + ([label_column] if require_labels else [])
     missing = [c for c in need if c not in df.columns]
     if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, df.columns))} "
-                        f"(use --text_column/--label_column)")
+        raise UserError(_missing_columns(path, df, missing))
 
     raw_texts = df[text_column].tolist()
-    bad = [i for i, t in enumerate(raw_texts) if t is None or (isinstance(t, float) and math.isnan(t))
-           or not str(t).strip()]
+    bad = [i for i, t in enumerate(raw_texts) if _is_missing(t) or not str(t).strip()]
     if bad:
         raise UserError(f"{path}: empty {text_column} in {len(bad)} row(s): {_rows(path, bad)}; "
                         "fill or delete those rows")
-    texts = [str(t) for t in raw_texts]
+    texts = [_as_text(t) for t in raw_texts]
+    notes = []
+    numeric = [i for i, t in enumerate(raw_texts) if not isinstance(t, str)]
+    if numeric:
+        notes.append(f"{path}: {len(numeric)} {text_column} value(s) are numbers or dates, not text (rows "
+                     f"{_rows(path, numeric)}); they are used as written, e.g. {texts[numeric[0]]!r}")
 
     if not require_labels:
-        return Split(path, texts, np.full(len(texts), -1, dtype=np.int64))
+        return Split(path, texts, np.full(len(texts), -1, dtype=np.int64), notes=notes)
     by_name = {name: i for i, name in enumerate(labels)}
-    ids, unknown = np.empty(len(df), dtype=np.int64), {}
+    ids, unknown, as_id, as_name = np.empty(len(df), dtype=np.int64), {}, [], []
     for i, value in enumerate(df[label_column].tolist()):
-        key = "" if value is None or (isinstance(value, float) and math.isnan(value)) else clean_label(value)
-        if key.endswith(".0") and key[:-2].isdigit():  # Excel stores 3 as 3.0
+        key = "" if _is_missing(value) else clean_label(_as_text(value))
+        if key.endswith(".0") and key[:-2].isdigit():  # "3.0" typed as text
             key = key[:-2]
         if key in by_name:
             ids[i] = by_name[key]
-        elif key.isdigit() and int(key) < len(labels):
+            as_name.append(i)
+        elif key.isascii() and key.isdigit() and int(key) < len(labels):  # ASCII only: int("²") would fail
             ids[i] = int(key)
+            as_id.append(i)
         else:
             unknown.setdefault(key or "(empty)", []).append(i)
     if unknown:
         parts = "; ".join(f"{value!r} in row(s) {_rows(path, rows)}" for value, rows in unknown.items())
         raise UserError(f"{path}: unknown {label_column} value(s): {parts}. "
-                        f"Known: {', '.join(f'{i}={n}' for i, n in enumerate(labels))}")
-    return Split(path, texts, ids)
+                        f"Known (from {labels_from}): {', '.join(f'{i}={n}' for i, n in enumerate(labels))}; "
+                        "fix those rows or the label list")
+    if as_id and as_name:
+        notes.append(f"{path}: {label_column} mixes label ids ({len(as_id)} rows, e.g. row {_rows(path, as_id[:1])}) "
+                     f"and names ({len(as_name)} rows); ids are read in {labels_from} order: "
+                     f"{', '.join(f'{i}={n}' for i, n in enumerate(labels))}")
+    return Split(path, texts, ids, notes=notes)
+
+
+def _text_key(text: str) -> str:
+    """What makes two texts the same for duplicate checks: NFKC form, surrounding whitespace ignored."""
+    return unicodedata.normalize("NFKC", text).strip()
+
+
+def check_splits(splits: dict[str, Split], labels, dedup: bool = False) -> tuple[dict[str, Split], list[str]]:
+    """Duplicates inside a split, texts shared between splits, labels the training set lacks.
+
+    Without `dedup` these are reported (with counts and rows) and nothing changes. With `dedup`: train keeps
+    the first of each repeated text and drops texts that are also in val or test; val likewise keeps its
+    first copies and drops texts that are also in test; test is never changed (it is the benchmark). A split
+    that ends up empty is an error. Returns the (possibly reduced) splits and the lines to print."""
+    notes = []
+    keys = {name: [_text_key(t) for t in s.texts] for name, s in splits.items()}
+    later = {"train": ("val", "test"), "val": ("test",), "test": ()}
+    out = {}
+    for name, s in splits.items():
+        first, dup, conflict = {}, [], []
+        for i, k in enumerate(keys[name]):
+            if k in first:
+                dup.append(i)
+                if s.labels[first[k]] != s.labels[i]:
+                    conflict.append(i)
+            else:
+                first[k] = i
+        shared = {}
+        for other in later[name]:
+            if other in splits:
+                theirs = set(keys[other])
+                shared[other] = [i for i, k in enumerate(keys[name]) if k in theirs]
+        if dup:
+            clash = f", {len(conflict)} of them with a different label (rows {s.where(conflict)})" if conflict else ""
+            notes.append(f"{s.path}: {len(dup)} repeated text(s) in {name} (rows {s.where(dup)}){clash}; "
+                         + ("removed (--dedup)" if dedup and name != "test" else
+                            "kept" + ("" if name == "test" else " (--dedup removes them)")))
+        for other, idx in shared.items():
+            if idx:
+                notes.append(f"{s.path}: {len(idx)} {name} text(s) also in {other} ({splits[other].path}), rows "
+                             f"{s.where(idx)}; {other} scores are optimistic"
+                             + (f"; removed from {name} (--dedup)" if dedup else " (--dedup removes them)"))
+        if dedup and name != "test":
+            drop = set(dup).union(*map(set, shared.values()))
+            s = s.subset(i for i in range(len(s)) if i not in drop)
+            if len(s) == 0:
+                raise UserError(f"{s.path}: no {name} rows left after --dedup (all are repeats or in "
+                                f"{'/'.join(later[name])}); fix the split or run without --dedup")
+        out[name] = s
+    if "train" in out:
+        have = set(out["train"].labels.tolist())
+        for name in ("val", "test"):
+            if name in out:
+                miss = sorted(set(out[name].labels.tolist()) - have)
+                if miss:
+                    n = int(np.isin(out[name].labels, miss).sum())
+                    notes.append(f"{out[name].path}: label(s) {', '.join(labels[i] for i in miss)} ({n} {name} "
+                                 f"rows) never occur in train ({out['train'].path}); the model cannot learn them")
+    return out, notes
 
 
 def tokenize_split(split: Split, tokenizer, max_length: int, desc: str = "tokenise", show: bool = True) -> None:
@@ -113,11 +237,17 @@ def tokenize_split(split: Split, tokenizer, max_length: int, desc: str = "tokeni
     for start in tqdm(range(0, len(split.texts), chunk), desc=desc, unit="chunk", disable=not show, leave=False):
         enc = tokenizer(split.texts[start:start + chunk], add_special_tokens=False)["input_ids"]
         out.extend(enc)
-    split.n_truncated = sum(len(x) > max_length for x in out)
+    cut = [i for i, x in enumerate(out) if len(x) > max_length]
+    split.n_truncated = len(cut)
     split.input_ids = [x[:max_length] if len(x) > max_length else x for x in out]
+    if cut:
+        longest = max(len(out[i]) for i in cut)
+        split.notes.append(f"{split.path}: {len(cut)} text(s) longer than {max_length} tokens (up to {longest}) "
+                           f"keep their first {max_length}: rows {split.where(cut)}; raise --max_length to keep more")
     empty = [i for i, x in enumerate(split.input_ids) if not x]
     if empty:
-        raise UserError(f"{split.path}: {len(empty)} text(s) tokenise to nothing: rows {_rows(split.path, empty)}")
+        raise UserError(f"{split.path}: {len(empty)} text(s) tokenise to nothing: rows {split.where(empty)}; "
+                        "fill or delete those rows")
 
 
 # --- batching ---------------------------------------------------------------------------------------------
@@ -201,7 +331,11 @@ def collate_packed(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors to `device`; ints stay on the host. For CUDA they are pinned first: a copy from pageable memory
+    waits for the GPU to drain its queue, which would stall the CPU once per micro-batch."""
+    cuda = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 def merge_for_packing(micro_batches: list[list[int]], lengths, max_tokens: int) -> list[list[int]]:

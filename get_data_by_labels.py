@@ -23,9 +23,9 @@ How rows are chosen. Documents carrying a quota label are visited in one order -
 -- and each goes to the first label of -l that it carries and whose quota is not yet full. A text that
 is already in the export, or in an --exclude-file, is skipped, so no text appears twice and a document
 with several quota labels is exported once. The rank depends only on the seed and the text, so the
-same seed and the same data give the same rows in the same order on any server, and the sample does not
-change when the collection is re-imported with new `_id`s. Only `_id`, the text and the label field are
-streamed, and only the best-ranked few per label are kept in memory.
+same seed and the same data give the same rows in the same order on any server, and re-importing the
+collection with new `_id`s keeps the same texts (only which copy of a repeated text is taken may change).
+Only `_id`, the text and the label field are streamed, and only the best-ranked few per label are kept.
 """
 from __future__ import annotations
 
@@ -56,41 +56,41 @@ _ILLEGAL_XLSX = re.compile(r"[\000-\010\013\014\016-\037]")  # control character
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="see the module docstring",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    # connection
-    p.add_argument("--host", default=None, help="MongoDB host (default: localhost)")
-    p.add_argument("--port", type=int, default=None, help="MongoDB port (default: 27017)")
-    p.add_argument("--uri", default=None,
+    head, usage = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=head, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("connection")
+    g.add_argument("--host", default=None, help="MongoDB host (default: localhost)")
+    g.add_argument("--port", type=int, default=None, help="MongoDB port (default: 27017)")
+    g.add_argument("--uri", default=None,
                    help="connection string instead of --host/--port, e.g. mongodb://h1,h2/?replicaSet=rs0; "
                         "no credentials in it: use -u and MONGO_PASSWORD")
-    p.add_argument("-u", "--username", default=None, help="user name; the password is read from MONGO_PASSWORD "
+    g.add_argument("-u", "--username", default=None, help="user name; the password is read from MONGO_PASSWORD "
                                                           "or prompted for")
-    p.add_argument("--auth-database", default=None, help="database the user is defined in (default: admin)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server to answer (default: 5)")
-    # source
-    p.add_argument("-d", "--db", "--database", dest="db", default="scanadata", help="database (default: scanadata)")
-    p.add_argument("-c", "--collection", default="data_items", help="collection (default: data_items)")
-    p.add_argument("--label-field", default="n_labels",
+    g.add_argument("--auth-database", default=None, help="database the user is defined in (default: admin)")
+    g.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server to answer (default: 5)")
+    g = p.add_argument_group("source")
+    g.add_argument("-d", "--db", "--database", dest="db", default="scanadata", help="database (default: scanadata)")
+    g.add_argument("-c", "--collection", default="data_items", help="collection (default: data_items)")
+    g.add_argument("--label-field", default="n_labels",
                    help="field holding a document's label, a string or a list of strings (default: n_labels)")
-    p.add_argument("--text-field", default="text_cn", help="field holding the text (default: text_cn)")
-    # selection
-    p.add_argument("-l", "--labels", default=None, help='quotas, "label:count,label:count,..."')
-    p.add_argument("--any-label", action="store_true",
+    g.add_argument("--text-field", default="text_cn", help="field holding the text (default: text_cn)")
+    g = p.add_argument_group("selection")
+    g.add_argument("-l", "--labels", default=None, help='quotas, "label:count,label:count,..."')
+    g.add_argument("--any-label", action="store_true",
                    help=f"allow quota labels outside the toolkit's label set ({', '.join(DEFAULT_LABELS)})")
-    p.add_argument("--random", action="store_true", help="a random sample (reproducible with --seed) instead of "
+    g.add_argument("--random", action="store_true", help="a random sample (reproducible with --seed) instead of "
                                                         "the first documents by _id")
-    p.add_argument("--seed", type=int, default=None, help="seed of the random sample (default: chosen and printed)")
-    p.add_argument("--strict", action="store_true", help="fail if a label has fewer documents than its quota "
+    g.add_argument("--seed", type=int, default=None, help="seed of the random sample (default: chosen and printed)")
+    g.add_argument("--strict", action="store_true", help="fail if a label has fewer documents than its quota "
                                                         "(default: warn and take all of them)")
-    p.add_argument("--exclude-file", "--exclude", dest="exclude", action="extend", nargs="+", default=[],
+    g.add_argument("--exclude-file", "--exclude", dest="exclude", action="extend", nargs="+", default=[],
                    metavar="FILE", help="earlier exports (column text_cn) whose texts must not be exported again")
-    # output
-    p.add_argument("-f", "--fields", default="text_cn,n_labels",
+    g = p.add_argument_group("output")
+    g.add_argument("-f", "--fields", default="text_cn,n_labels",
                    help="comma-separated fields to export besides text_cn and extracted_label (default: "
                         "text_cn,n_labels); lists are written as 'a, b', sub-documents as JSON")
-    p.add_argument("-o", "--output", default=None, help="output file: .xlsx, .csv, .jsonl or .parquet")
-    p.add_argument("--list-labels", action="store_true", help="print every label value with its document count "
+    g.add_argument("-o", "--output", default=None, help="output file: .xlsx, .csv, .jsonl or .parquet")
+    g.add_argument("--list-labels", action="store_true", help="print every label value with its document count "
                                                              "and exit")
     return p.parse_args(argv)
 
@@ -123,17 +123,13 @@ def parse_quotas(spec: str, any_label: bool) -> tuple[dict[str, int], list[str]]
 def check_args(args) -> tuple[dict[str, int], list[str]]:
     """Every problem with the flags, reported at once before anything connects."""
     problems, quotas = [], {}
-    if args.list_labels:
-        pass
-    elif not args.labels:
-        problems.append('give the quotas with -l/--labels, e.g. -l "正常:15000,暴恐:6000"')
-    else:
-        quotas, more = parse_quotas(args.labels, args.any_label)
-        problems += more
     fields = list(dict.fromkeys(f.strip() for f in args.fields.split(",") if f.strip()))
-    if not fields and not args.list_labels:
-        problems.append("-f/--fields: no field names given")
     if not args.list_labels:
+        if not args.labels:
+            problems.append('give the quotas with -l/--labels, e.g. -l "正常:15000,暴恐:6000"')
+        else:
+            quotas, more = parse_quotas(args.labels, args.any_label)
+            problems += more
         if not args.output:
             problems.append("give the output file with -o/--output (.xlsx, .csv, .jsonl or .parquet)")
         else:
@@ -197,10 +193,10 @@ def mongo_error(e: Exception, args) -> UserError:
     """One line for each way talking to the server can fail. Never echoes a password (URIs are redacted)."""
     from pymongo.errors import AutoReconnect, OperationFailure, ServerSelectionTimeoutError
 
-    text = " ".join(redact(str(e)).split())
+    text = re.sub(r" \(configured timeouts:[^)]*\)", "", " ".join(redact(str(e)).split()))
     where = server_name(args)
     if isinstance(e, ServerSelectionTimeoutError):
-        m = re.search(r"^\S+: (.*?) \(configured timeouts", text)
+        m = re.search(r"^\S+: (.*?), Timeout:", text)
         reason = m.group(1) if m else text.split(", Timeout:")[0][:200]
         return UserError(f"cannot reach MongoDB at {where} within {args.timeout:g} s ({reason}); check "
                          "--host/--port (or --uri) and that the server is running")
@@ -283,11 +279,17 @@ def get_path(doc: dict, path: str):
     return value
 
 
-def stream(coll, query: dict, projection: dict, sort_by_id: bool, desc: str):
+def projection(names) -> dict:
+    """{name: 1}, leaving out 'a.b' when 'a' is asked for too (MongoDB refuses overlapping paths)."""
+    names = set(names)
+    return {n: 1 for n in sorted(names) if not any(n.startswith(other + ".") for other in names)}
+
+
+def stream(coll, query: dict, fields: dict, sort_by_id: bool, desc: str):
     """Documents of a query in batches, with a progress bar; network errors propagate (never a silent end)."""
     from tqdm import tqdm
 
-    cursor = coll.find(query, projection, batch_size=SCAN_BATCH)
+    cursor = coll.find(query, fields, batch_size=SCAN_BATCH)
     if sort_by_id:
         cursor = cursor.sort("_id", 1)
     with cursor, tqdm(desc=desc, unit=" docs", disable=None, leave=False, file=sys.stderr) as bar:
@@ -361,7 +363,7 @@ def choose_ordered(coll, quotas, args, excluded) -> Choice:
     """The first documents by _id: the scan stops as soon as every quota is full."""
     choice = new_choice(quotas)
     raw = stream(coll, {args.label_field: {"$in": list(quotas)}},
-                 {"_id": 1, args.text_field: 1, args.label_field: 1}, sort_by_id=True, desc="scan")
+                 projection(["_id", args.text_field, args.label_field]), sort_by_id=True, desc="scan")
     assign(eligible(raw, quotas, args, excluded, choice), quotas, choice)
     raw.close()  # closes the cursor when the scan stopped early
     return choice
@@ -375,7 +377,7 @@ def choose_random(coll, quotas, args, excluded, seed: int) -> Choice:
         choice = new_choice(quotas)
         heaps, seen = {label: [] for label in quotas}, Counter()
         raw = stream(coll, {args.label_field: {"$in": list(quotas)}},
-                     {"_id": 1, args.text_field: 1, args.label_field: 1}, sort_by_id=False, desc="scan")
+                     projection(["_id", args.text_field, args.label_field]), sort_by_id=False, desc="scan")
         for i, doc in enumerate(eligible(raw, quotas, args, excluded, choice)):
             doc.rank = rank_key(seed, doc.key, doc.id)
             for label in doc.labels:
@@ -420,11 +422,10 @@ def fetch_fields(coll, docs: list[Doc], names: list[str]) -> dict:
     found = {}
     if not names:
         return found
-    projection = {name: 1 for name in names}
     with tqdm(total=len(docs), desc="fetch", unit=" docs", disable=None, leave=False, file=sys.stderr) as bar:
         for start in range(0, len(docs), FETCH_CHUNK):
             ids = [d.id for d in docs[start:start + FETCH_CHUNK]]
-            for d in coll.find({"_id": {"$in": ids}}, projection, batch_size=FETCH_CHUNK):
+            for d in coll.find({"_id": {"$in": ids}}, projection(names), batch_size=FETCH_CHUNK):
                 found[d["_id"]] = d
             bar.update(len(ids))
     missing = sum(d.id not in found for d in docs)
@@ -438,15 +439,15 @@ def build_table(choice: Choice, fields: list[str], args, fetched: dict):
 
     columns = [TEXT_COLUMN, LABEL_COLUMN] + [f for f in fields if f not in (TEXT_COLUMN, LABEL_COLUMN,
                                                                               args.text_field)]
-    records = []
-    for doc, label in choice.rows:
-        row = {TEXT_COLUMN: doc.text, LABEL_COLUMN: label}
-        for name in columns[2:]:
-            value = (doc.id if name == "_id" else doc.label_value if name == args.label_field else
-                     get_path(fetched[doc.id], name))
-            row[name] = cell(value)
-        records.append(row)
-    return pd.DataFrame(records, columns=columns)
+    data = {TEXT_COLUMN: [doc.text for doc, _ in choice.rows], LABEL_COLUMN: [label for _, label in choice.rows]}
+    for name in columns[2:]:
+        values = [cell(str(doc.id) if name == "_id" else doc.label_value if name == args.label_field else
+                       get_path(fetched[doc.id], name)) for doc, _ in choice.rows]
+        # a field stored as a number in some documents and as text in others becomes text: parquet needs one type
+        if len({float if type(v) is int else type(v) for v in values if v is not None}) > 1:
+            values = [None if v is None else str(v) for v in values]
+        data[name] = values
+    return pd.DataFrame(data, columns=columns)
 
 
 def check_excel_cells(df, path) -> None:

@@ -220,41 +220,63 @@ def ref_eval(name, seqs, dtype, amp, batch, mode, ceiling):
 
 # --- the project's own code -------------------------------------------------------------------------------
 
-def ours_train(name, seqs, ceiling, steps, warmup, batch=18, accum=2, max_tokens=16384, compile_layers=False):
-    """train_lora.py's step: length-grouped batches, accumulation micro-batches merged into packed rows,
-    bf16 base + fp32 LoRA/head under bf16 autocast, exact loss normaliser, clip, fused AdamW."""
-    model = build_ours()
-    model.train()
-    if compile_layers:
-        qcd.compile_decoder_layers(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-5, fused=True)
-    lens = torch.tensor([len(s) for s in seqs])
-    batches = D.length_grouped_batches(lens.numpy(), batch, seed=0, epoch=0)
-    plan = D.training_steps(batches, accum, 1)
-    counts = {"samples": 0, "tokens": 0}
+def script_data(work: Path, tokenizer, n: int, seed: int, name: str) -> Path:
+    """Synthetic texts for train_lora.py: random single-token CJK characters, so a text of L characters is
+    ~L tokens and the lengths follow the benchmark's distribution."""
+    import pandas as pd
 
-    def step(i):
-        micro = D.merge_for_packing(plan[i % len(plan)], lens.numpy(), max_tokens)
-        norm = float(sum(len(m) for m in micro))
-        for mb in micro:
-            enc = D.to_device(D.collate_packed([seqs[j] for j in mb]), DEV)
-            y = torch.randint(0, 6, (len(mb),), device=DEV)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(**enc)
-            (F.cross_entropy(logits, y, reduction="sum") / norm).backward()
-            if i >= warmup:
-                counts["samples"] += len(mb)
-                counts["tokens"] += int(lens[mb].sum())
-        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        if torch.isfinite(gn):
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+    if not hasattr(script_data, "chars"):
+        script_data.chars = [c for c in (tokenizer.decode([i]) for i in range(151643))
+                             if len(c) == 1 and "\u4e00" <= c <= "\u9fff"]
+    chars = script_data.chars
+    g = torch.Generator().manual_seed(seed)
+    rows = [{"text_cn": "".join(chars[j] for j in torch.randint(0, len(chars), (L,), generator=g).tolist()),
+             "extracted_label": i % 6} for i, L in enumerate(lengths(n, seed))]
+    path = work / f"{name}.jsonl"
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True, force_ascii=False)
+    return path
 
-    sec, peak = timed(step, steps, warmup)
-    note = f"batch {batch}x{accum}" + (", compiled layers" if compile_layers else "")
-    row = record(name, "train", counts["samples"], counts["tokens"], sec, peak, ceiling, note)
-    free(model, opt)
+
+def build_checkpoint_folder(folder: Path) -> Path:
+    """A Qwen3-1.7B-shaped checkpoint on disk (random bf16 weights + the real tokenizer), for the scripts."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from lft.demo import write_qwen3_tokenizer
+
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        with torch.device(DEV):
+            model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_1_7B)).to(torch.bfloat16)
+        model.save_pretrained(folder, safe_serialization=True)
+        write_qwen3_tokenizer(folder)
+        free(model)
+    return folder
+
+
+def ours_train(name, ckpt, work, n_texts, ceiling, *flags):
+    """train_lora.py itself, in this process, at its defaults plus `flags`; throughput is the median of its
+    logged intervals (the first holds compilation), peak memory over the whole run."""
+    import train_lora
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    train = script_data(work, tok, n_texts, 20, "bench_train")
+    val = script_data(work, tok, 360, 21, "bench_val")
+    out = work / ("out_" + "".join(c if c.isalnum() else "_" for c in name))
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    rc = train_lora.main(["--checkpoint", str(ckpt), "--train_data", str(train), "--val_data", str(val),
+                          "--output_dir", str(out), "--num_epochs", "1", "--no_progress", "--logging_steps", "20",
+                          "--eval_steps", "100000", *flags])
+    wall = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logs = [r for r in logs if "tokens_per_s" in r][1:]
+    mid = sorted(logs, key=lambda r: r["tokens_per_s"])[len(logs) // 2]
+    sec = 1.0  # rates are per second already
+    row = record(name, "train", mid["samples_per_s"] * sec, mid["tokens_per_s"] * sec, sec, peak, ceiling,
+                 f"rc {rc}, {len(logs) + 1} log intervals, wall {wall:.0f} s, {' '.join(flags) or 'defaults'}")
+    free()
     return row
 
 
@@ -288,7 +310,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where bench_results.json goes")
-    p.add_argument("--skip", default="", help="comma-separated recipe groups to skip: ref,compile")
+    p.add_argument("--skip", default="", help="comma-separated recipe groups to skip: ref")
+    p.add_argument("--workdir", default="/tmp/lft_bench", help="checkpoint folder and synthetic data go here")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     import peft
@@ -320,22 +343,22 @@ def main(argv=None) -> int:
                   64, "grouped", ceiling, steps, warmup)
         attempt(ref_train, "transformers+peft bf16, packed row 6400 tokens", train_seqs, torch.bfloat16, torch.bfloat16,
                   6400, "packed", ceiling, steps, warmup)
-    ours_tr = ours_train("ours: defaults (packed varlen, 18x2 per step)", train_seqs, ceiling, steps * 2, warmup)
-    attempt(ours_train, "ours: 64x2 per step", train_seqs, ceiling, steps, warmup, batch=64)
+    work = Path(args.workdir)
+    ckpt = build_checkpoint_folder(work / "qwen3-1.7b-shaped")
+    n_script = 3600 if args.quick else 14400  # 100 / 400 optimizer steps at the defaults
+    ours_tr = attempt(ours_train, "ours: train_lora.py defaults (18x2, packed, varlen, compiled)", ckpt, work,
+                      n_script, ceiling, "--batch_size", "18")
+    attempt(ours_train, "ours: train_lora.py --compile off", ckpt, work, n_script // 2, ceiling, "--compile", "off")
+    attempt(ours_train, "ours: train_lora.py --batch_size 64", ckpt, work, n_script, ceiling, "--batch_size", "64")
     if "ref" not in skip:
         attempt(ref_eval, "eval original: fp32 + fp16 autocast, pad 256, batch 18", eval_seqs, torch.float32,
                  torch.float16, 18, "pad256", ceiling)
         attempt(ref_eval, "eval transformers bf16, sorted, batch 256", eval_seqs, torch.bfloat16, torch.bfloat16, 256,
                  "sorted", ceiling)
-    ours_ev = ours_eval("eval ours: defaults (packed varlen, 36x256 tokens/row)", eval_seqs, ceiling, 36 * 256)
-    attempt(ours_eval, "eval ours: 32768 tokens/row", eval_seqs, ceiling, 32768)
-    if "compile" not in skip:
-        attempt(ours_train, "ours: 64x2 per step + compiled decoder layers", train_seqs, ceiling, steps, warmup * 3,
-                batch=64, compile_layers=True)
-        attempt(ours_train, "ours: defaults + compiled decoder layers", train_seqs, ceiling, steps * 2, warmup * 3,
-                   compile_layers=True)
-        attempt(ours_eval, "eval ours: defaults + compiled decoder layers", eval_seqs, ceiling, 36 * 256, compile_layers=True)
-
+    ours_ev = attempt(ours_eval, "eval ours: defaults (packed varlen, 36x256 tokens/row, compiled)", eval_seqs,
+                      ceiling, 36 * 256, compile_layers=True)
+    attempt(ours_eval, "eval ours: 32768 tokens/row, compiled", eval_seqs, ceiling, 32768, compile_layers=True)
+    attempt(ours_eval, "eval ours: defaults, --compile off", eval_seqs, ceiling, 36 * 256)
     mean_len = sum(lengths(45000, 2)) / 45000
     train_tokens, steps_total = 45000 * 3 * mean_len, 3 * math.ceil(45000 / 36)
     eval_tokens = 18000 * mean_len * (steps_total // 200 + 1)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lft.common import UserError, redact, run_cli
-from lft.data import DEFAULT_LABELS, clean_label
+from lft.labels import DEFAULT_LABELS, clean_label
 from lft.tables import EXCEL_MAX_ROWS, read_table, table_format, write_table
 
 TEXT_COLUMN, LABEL_COLUMN = "text_cn", "extracted_label"  # what train_lora.py reads

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lft.common import UserError, atomic_dir, write_json
-from lft.data import DEFAULT_LABELS
+from lft.labels import DEFAULT_LABELS
 
 FORMAT = "lft-qwen3-classifier/1"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "head.safetensors", "classifier_config.json")

@@ -17,22 +17,7 @@ import torch
 from .common import UserError
 from .tables import read_table
 
-# The original project's label set and order: id -> name. Adapters store their own copy (id2label).
-DEFAULT_LABELS = ("正常", "歧视", "违法违规", "政治安全", "暴恐", "色情低俗")
-
-
-def clean_label(value) -> str:
-    """Full-width -> half-width and stray whitespace removed (NFKC), so ' 暴恐 ' and '４' are recognised."""
-    return unicodedata.normalize("NFKC", str(value)).strip()
-
-
-def parse_labels(spec: str | None) -> tuple[str, ...]:
-    if not spec:
-        return DEFAULT_LABELS
-    names = tuple(clean_label(x) for x in spec.split(",") if clean_label(x))
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise UserError(f"--labels: need at least two distinct comma-separated names, got {spec!r}")
-    return names
+from .labels import DEFAULT_LABELS, clean_label, parse_labels  # noqa: F401  (re-exported)
 
 
 def _row_name(path: Path, i: int) -> int:

@@ -20,13 +20,14 @@ import torch
 
 import qwen3_classification_direct as qcd
 from lft import data as D
-from lft.common import UserError, run_cli, write_json
+from lft import checkpoint as C
+from lft.common import ArgumentParser, UserError, explain_oom, redact, run_cli, write_json
 from lft.dist import cleanup, gather_objects, print0, setup_distributed
 from lft.metrics import confusion, format_report, metrics_from_confusion, plot_confusion
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="base Qwen3 folder (not needed for a merged model)")
     p.add_argument("--lora_model", required=True, help="adapter folder (best_model/) or merged folder")
     p.add_argument("--test_data", required=True, help="table with text and label columns")
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     d = setup_distributed(args.device)
     try:
-        return run(args, d)
+        with explain_oom("lower --batch_size or --max_length"):
+            return run(args, d)
     finally:
         cleanup()
 
@@ -79,12 +81,20 @@ def run(args, d) -> int:
     amp = dtype if dtype != torch.float32 else None
     packing = args.packing == "on" or (args.packing == "auto" and d.device.type == "cuda")
     attn = qcd.choose_attention(args.attn_implementation, packing, d.device)
+    out = Path(args.output_dir) if args.output_dir else Path(args.lora_model) / "eval"
+    # cheap checks first: the adapter's label list against every data row, the output folder, the base weights
+    labels = qcd.read_classifier_config(args.lora_model)["labels"]
+    split = D.load_split(args.test_data, labels, args.text_column, args.label_column,
+                         labels_from=f"the adapter {Path(args.lora_model) / 'classifier_config.json'}")
+    C.check_output_dir(out, resuming=True)
+    if args.checkpoint:
+        C.check_weight_files(args.checkpoint)
     model, tokenizer, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype, attn)
     model.to(d.device)
-    labels = meta["labels"]
     max_length = args.max_length or meta["max_length"]
-    split = D.load_split(args.test_data, labels, args.text_column, args.label_column)
     D.tokenize_split(split, tokenizer, max_length, show=d.main)
+    for line in split.notes:
+        print0(f"warning: {line}")
     print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {str(dtype)[6:]}); "
            f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 
@@ -101,7 +111,6 @@ def run(args, d) -> int:
     m = metrics_from_confusion(confusion(split.labels, pred, len(labels)), labels)
     print(format_report(m))
 
-    out = Path(args.output_dir) if args.output_dir else Path(args.lora_model) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame({"text": split.texts, "gold": [labels[i] for i in split.labels],
                           "predicted": [labels[i] for i in pred], "correct": pred == split.labels})
@@ -109,7 +118,7 @@ def run(args, d) -> int:
         table[f"p_{name}"] = P[:, j].round(6)
     write_table(table, out / f"predictions.{args.predictions_format}")
     plot_confusion(m, out / "confusion_matrix.png")
-    write_json(out / "test_results.json", {"model": str(args.lora_model), "test_data": str(args.test_data),
+    write_json(out / "test_results.json", {"model": redact(args.lora_model), "test_data": redact(args.test_data),
                                            "max_length": max_length, **m})
     print(f"wrote {out / 'test_results.json'}, {out / 'confusion_matrix.png'}, "
           f"{out / ('predictions.' + args.predictions_format)}")

@@ -12,6 +12,11 @@ CPU demo (tiny local checkpoint, synthetic data, < 2 minutes):
 Writes to --output_dir: best_model/ (adapter with the best validation macro-F1), checkpoint-<step>/
 (everything needed by --resume_from_checkpoint), args.json, metrics.jsonl, and test_results.json when
 --test_data is given.
+
+Interrupted (crash, kill -9, out of time)? Run the same command plus --resume_from_checkpoint auto: it
+continues from the newest complete checkpoint and ends with the same adapter and metrics. SIGTERM and Ctrl-C
+save a checkpoint at the next step and exit 143 / 130. Under torchrun --max_restarts, put
+--resume_from_checkpoint auto in the command from the start. Bad input exits 2 with one line on stderr.
 """
 from __future__ import annotations
 
@@ -19,9 +24,7 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import re
-import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,14 +34,15 @@ import torch
 import torch.nn.functional as F
 
 import qwen3_classification_direct as qcd
+from lft import checkpoint as C
 from lft import data as D
-from lft.common import UserError, run_cli, write_json
-from lft.dist import Dist, all_reduce_sum, barrier, cleanup, gather_objects, print0, setup_distributed
+from lft.common import ArgumentParser, UserError, explain_oom, redact, run_cli, write_json
+from lft.dist import Dist, all_reduce_sum, barrier, cleanup, print0, setup_distributed
 from lft.metrics import format_report, metrics_from_confusion
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- data
     p.add_argument("--train_data", required=True, help="training table (.xlsx/.csv/.jsonl/.parquet)")
     p.add_argument("--val_data", required=True, help="validation table; picks best_model by macro-F1")
@@ -48,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labels", default=None, help="comma-separated label names in id order "
                    f"(default: {','.join(D.DEFAULT_LABELS)})")
     p.add_argument("--max_length", type=int, default=256, help="tokens kept per text (longer ones are cut)")
+    p.add_argument("--dedup", action="store_true", help="drop repeated texts within train and val, and train/val "
+                   "texts that are also in a later split (test is never changed); without it they are reported")
     # --- model
     p.add_argument("--checkpoint", required=True, help="local Qwen3 model folder (e.g. Qwen3-1.7B)")
     p.add_argument("--pooling", choices=("last", "mean"), default="last", help="text vector: last real token or mean")
@@ -79,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
                    help="plain shuffled batches instead of length-grouped ones")
     p.add_argument("--max_nonfinite_steps", type=int, default=5,
-                   help="stop after this many consecutive steps with a non-finite loss")
+                   help="stop (exit 2, best_model kept) after this many consecutive steps with a non-finite loss")
     # --- evaluation, saving, logging
     p.add_argument("--output_dir", required=True)
     p.add_argument("--eval_steps", type=int, default=200, help="evaluate on --val_data every N optimizer steps")
@@ -87,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_total_limit", type=int, default=2, help="checkpoint-* folders kept (newest)")
     p.add_argument("--eval_batch_size", type=int, default=None, help="texts per eval batch (default 2x batch)")
     p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-* folder, or 'auto' (latest)")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="a checkpoint-* folder, or 'auto': the newest complete one in --output_dir (none: start)")
     p.add_argument("--merge", action="store_true", help="also write best_model_merged/ (plain transformers model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
@@ -141,16 +148,40 @@ def choose_precision(args, device: torch.device):
 
 # --- data -------------------------------------------------------------------------------------------------
 
-def load_data(args, labels, tokenizer, d: Dist) -> dict[str, D.Split]:
-    splits = {}
-    for name in ("train", "val", "test"):
-        path = getattr(args, f"{name}_data")
-        if path:
-            split = D.load_split(path, labels, args.text_column, args.label_column)
-            D.tokenize_split(split, tokenizer, args.max_length, desc=f"tokenise {name}",
-                             show=d.main and not args.no_progress)
-            splits[name] = split
+def load_data(args, labels) -> dict[str, D.Split]:
+    """Read and check every row of every split (fast); warnings are printed, errors raised."""
+    splits = {name: D.load_split(path, labels, args.text_column, args.label_column)
+              for name in ("train", "val", "test") if (path := getattr(args, f"{name}_data"))}
+    splits, notes = D.check_splits(splits, labels, args.dedup)
+    for line in [n for s in splits.values() for n in s.notes] + notes:
+        print0(f"warning: {line}")
     return splits
+
+
+def tokenize_data(splits: dict[str, D.Split], tokenizer, args, d: Dist) -> None:
+    for name, split in splits.items():
+        seen = len(split.notes)
+        D.tokenize_split(split, tokenizer, args.max_length, desc=f"tokenise {name}",
+                         show=d.main and not args.no_progress)
+        for line in split.notes[seen:]:
+            print0(f"warning: {line}")
+
+
+def memory_probe(model, args, packing: bool, amp_dtype, pad_id: int, d: Dist) -> None:
+    """On a GPU, one forward/backward of the largest micro-batch the run can meet (batch_size texts of
+    max_length tokens) before the texts are tokenised: running out of memory shows in seconds, not after data
+    preparation. Gradients are dropped; the RNG is re-seeded afterwards, so the run is unchanged."""
+    if d.device.type != "cuda":
+        return
+    seqs = [[pad_id] * args.max_length for _ in range(args.batch_size)]
+    enc = D.to_device(D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id), d.device)
+    with explain_oom(f"one micro-batch of --batch_size {args.batch_size} x --max_length {args.max_length} "
+                     "tokens does not fit: lower either (raise --gradient_accumulation_steps to keep the batch)"):
+        with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            model(**enc).float().sum().backward()
+        torch.cuda.synchronize(d.device)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
 
 
 def class_weights(args, train: D.Split, num_labels: int):
@@ -183,15 +214,6 @@ def banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reas
     print0("\n".join(lines))
 
 
-def check_output_dir(out: Path) -> None:
-    """The nearest existing folder on the way to --output_dir must be writable."""
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"--output_dir {out}: {probe} is not a writable folder")
-
-
 # --- evaluation -------------------------------------------------------------------------------------------
 
 def evaluate(model, split: D.Split, labels, args, d: Dist, packing: bool, amp_dtype, pad_id) -> dict:
@@ -207,69 +229,17 @@ def evaluate(model, split: D.Split, labels, args, d: Dist, packing: bool, amp_dt
     return metrics_from_confusion(cm, labels)
 
 
-# --- checkpoints ------------------------------------------------------------------------------------------
-
-CKPT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
-def save_checkpoint(folder: Path, model, meta, optimizer, scheduler, scaler, state: dict, d: Dist) -> None:
-    rng = gather_objects({"torch": torch.get_rng_state(),
-                          "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}, d)
-    if d.main:
-        tmp_state = folder.parent / f".{folder.name}.trainer_state.pt"
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng, **state}, tmp_state)
-        qcd.save_adapter(model, folder, meta)  # atomic: the folder appears complete or not at all
-        os.replace(tmp_state, folder / "trainer_state.pt")
-        write_json(folder / "trainer_state.json", state)
-    barrier(d)
+def step_flags(step_loss: torch.Tensor, stop: C.StopRequest, d: Dist) -> tuple[bool, bool]:
+    """(loss non-finite on some rank, stop requested on some rank). Every rank, every step: one all-reduce, so
+    all ranks skip, count and stop together and none waits forever in a collective."""
+    flags = torch.stack([(~torch.isfinite(step_loss)).float(),
+                         torch.tensor(float(stop.signum is not None), device=step_loss.device)])
+    flags = all_reduce_sum(flags, d).tolist()
+    return flags[0] > 0, flags[1] > 0
 
 
-def rotate_checkpoints(output_dir: Path, keep: int) -> None:
-    found = sorted((int(m[1]), p) for p in output_dir.iterdir() if (m := CKPT.match(p.name)))
-    for _, p in found[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def find_checkpoint(args) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint != "auto":
-        path = Path(args.resume_from_checkpoint)
-        if not (path / "trainer_state.pt").is_file():
-            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.pt)")
-        return path
-    out = Path(args.output_dir)
-    found = sorted(((int(m[1]), p) for p in out.iterdir() if (m := CKPT.match(p.name))), reverse=True) \
-        if out.is_dir() else []
-    for _, p in found:
-        if all((p / f).is_file() for f in qcd.ADAPTER_FILES + ("trainer_state.pt",)):
-            return p
-        print0(f"warning: skipping incomplete checkpoint {p}")
-    print0("resume: no checkpoint in --output_dir yet, starting from scratch")
-    return None
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, d: Dist) -> dict:
-    from safetensors.torch import load_file
-    from peft import set_peft_model_state_dict
-
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    set_peft_model_state_dict(model.backbone, load_file(str(path / "adapter_model.safetensors")))
-    model.score.weight.data.copy_(load_file(str(path / "head.safetensors"))["score.weight"])
-    optimizer.load_state_dict(state.pop("optimizer"))
-    scheduler.load_state_dict(state.pop("scheduler"))
-    scaler.load_state_dict(state.pop("scaler"))
-    rng = state.pop("rng")
-    mine = rng[d.rank] if d.rank < len(rng) else rng[0]
-    torch.set_rng_state(mine["torch"])
-    if mine["cuda"] is not None and d.device.type == "cuda":
-        torch.cuda.set_rng_state(mine["cuda"])
-    return state
+OOM_FIX = ("lower --batch_size (raise --gradient_accumulation_steps to keep the effective batch), --max_length, "
+           "--max_tokens_per_row (packing) or --eval_batch_size (evaluation)")
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
@@ -278,13 +248,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     d = setup_distributed(args.device)
     try:
-        return train(args, d)
+        with explain_oom(OOM_FIX), C.StopRequest() as stop:
+            return train(args, d, stop)
     finally:
         cleanup()
 
 
-def train(args, d: Dist) -> int:
-    from transformers import get_linear_schedule_with_warmup
+def train(args, d: Dist, stop: C.StopRequest) -> int:
     from tqdm.auto import tqdm
 
     labels = D.parse_labels(args.labels)
@@ -292,22 +262,29 @@ def train(args, d: Dist) -> int:
     weight_dtype, amp_dtype, use_scaler, precision_reason = choose_precision(args, d.device)
     packing = args.packing == "on" or (args.packing == "auto" and d.device.type == "cuda")
     attn = qcd.choose_attention(args.attn_implementation, packing, d.device)
-    # validate everything that can be wrong (checkpoint, output folder, every data row) before writing anything
-    tokenizer = qcd.load_tokenizer(qcd.check_checkpoint(args.checkpoint))
-    check_output_dir(out)
-    splits = load_data(args, labels, tokenizer, d)
+    # check everything that can be wrong before writing anything, cheapest first: the base model's files, the
+    # output folder, the checkpoint to resume, every data row; then the model on the device (and one worst-case
+    # step on a GPU) and the disk space for its checkpoints; only then tokenise
+    C.check_weight_files(qcd.check_checkpoint(args.checkpoint))  # before importing transformers (seconds)
+    C.check_output_dir(out, resuming=bool(args.resume_from_checkpoint))
+    resume = C.find_checkpoint(args.resume_from_checkpoint, out)  # the newest that verifies; corrupt: skipped
+    if resume is not None:
+        C.check_resume_args(resume, args, labels, d.world)
+    splits = load_data(args, labels)
     train_split, val_split = splits["train"], splits["val"]
+    tokenizer = qcd.load_tokenizer(args.checkpoint)
+    pad_id = tokenizer.pad_token_id
 
     torch.manual_seed(args.seed)  # same head init on every rank
     model, identity = qcd.build_classifier(
         args.checkpoint, labels, args.dropout, args.pooling, weight_dtype, attn,
         lora=dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                   targets=[t.strip() for t in args.lora_target_modules.split(",") if t.strip()]))
-    model.to(d.device)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "args.json", vars(args))
-    pad_id = tokenizer.pad_token_id
+    with explain_oom("the base model alone does not fit on this GPU: use --bf16 or a smaller Qwen3"):
+        model.to(d.device)
+    memory_probe(model, args, packing, amp_dtype, pad_id, d)
+    C.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)
+    tokenize_data(splits, tokenizer, args, d)
 
     def epoch_steps(epoch):
         batches = D.length_grouped_batches(train_split.lengths, args.batch_size, args.seed, epoch,
@@ -319,6 +296,12 @@ def train(args, d: Dist) -> int:
         raise UserError(f"--train_data {args.train_data}: {len(train_split)} texts are fewer than one micro-batch "
                         f"per process ({d.world} processes); lower --batch_size")
     total_steps = steps_per_epoch * args.num_epochs
+    if d.main:
+        with C.writing("args.json", out):
+            out.mkdir(parents=True, exist_ok=True)
+            for line in C.clean_stale(out):
+                print0(f"note: {line}")
+            write_json(out / "args.json", C.safe_args(args))  # never a password, whatever the arguments hold
     params = qcd.count_parameters(model)
     banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reason, packing, params, tokenizer)
 
@@ -328,6 +311,8 @@ def train(args, d: Dist) -> int:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate,
                                   fused=d.device.type == "cuda")
+    from transformers import get_linear_schedule_with_warmup
+
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(d.device.type, enabled=use_scaler)
     cw = class_weights(args, train_split, len(labels))
@@ -335,11 +320,10 @@ def train(args, d: Dist) -> int:
 
     meta = {"labels": list(labels), "id2label": {i: n for i, n in enumerate(labels)},
             "max_length": args.max_length, "base": identity,
-            "args": {k: v for k, v in vars(args).items()}, "metrics": None}
+            "args": C.safe_args(args), "metrics": None}
     state = {"global_step": 0, "best_metric": None, "best_step": None, "nonfinite_run": 0}
-    resume = find_checkpoint(args)
     if resume is not None:
-        state.update(load_checkpoint(resume, model, optimizer, scheduler, scaler, d))
+        state.update(C.load_checkpoint(resume, model, optimizer, scheduler, scaler, d))
         print0(f"resumed from {resume} at step {state['global_step']}")
     else:
         torch.manual_seed(args.seed + d.rank)  # dropout masks differ per rank
@@ -349,12 +333,15 @@ def train(args, d: Dist) -> int:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     model.train()
+    if d.main:  # records after the resumed step were written by the interrupted run: they are redone
+        C.truncate_log(out / "metrics.jsonl", state["global_step"])
     metrics_log = (out / "metrics.jsonl").open("a", encoding="utf-8") if d.main else None
 
     def log(record: dict) -> None:
         if metrics_log:
-            metrics_log.write(json.dumps(record, ensure_ascii=False) + "\n")
-            metrics_log.flush()
+            with C.writing("metrics.jsonl", out):
+                metrics_log.write(json.dumps(record, ensure_ascii=False) + "\n")
+                metrics_log.flush()
 
     def run_eval(step: int) -> None:
         m = evaluate(model, val_split, labels, args, d, packing, amp_dtype, pad_id)
@@ -365,7 +352,8 @@ def train(args, d: Dist) -> int:
         if improved:
             state.update(best_metric=m["macro_f1"], best_step=step)
             if d.main:
-                qcd.save_adapter(model, out / "best_model", {**meta, "metrics": {"val": m, "step": step}})
+                with C.writing("best_model", out):  # atomic: the previous best_model survives a failed write
+                    qcd.save_adapter(model, out / "best_model", {**meta, "metrics": {"val": m, "step": step}})
         barrier(d)
 
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
@@ -373,6 +361,8 @@ def train(args, d: Dist) -> int:
     loss_acc = torch.zeros((), device=d.device)
     samples_acc, tokens_acc, t_last, steps_since = 0, 0, time.perf_counter(), 0
     start_epoch = state["global_step"] // steps_per_epoch
+    stop_now = False
+    stop.listen()  # from here SIGTERM/Ctrl-C finish the step, save a checkpoint and exit
     for epoch in range(start_epoch, args.num_epochs):
         for i, step in enumerate(epoch_steps(epoch)):
             if epoch * steps_per_epoch + i < state["global_step"]:
@@ -384,6 +374,7 @@ def train(args, d: Dist) -> int:
             # loss = sum over the step's texts / their count (or weight sum): every rank knows the whole step,
             # so the normaliser is exact, and DDP's gradient averaging is undone by the factor world
             norm = float(cw[train_split.labels[idx_all]].sum()) if cw is not None else float(len(idx_all))
+            step_loss = torch.zeros((), device=d.device)
             for k, mb in enumerate(micro):
                 seqs = [train_split.input_ids[j] for j in mb]
                 enc = D.to_device(D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id), d.device)
@@ -394,21 +385,25 @@ def train(args, d: Dist) -> int:
                         logits = ddp(**enc)
                     ce = F.cross_entropy(logits, y, weight=cw_dev, reduction="sum")
                     scaler.scale(ce * (d.world / norm)).backward()
-                loss_acc += ce.detach() / norm
+                step_loss += ce.detach() / norm
                 samples_acc += len(mb)
                 tokens_acc += sum(len(s) for s in seqs)
+            loss_acc += step_loss
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else 1e30)
             if use_scaler:
                 scaler.step(optimizer)  # skips the update itself when the scaled gradients overflowed
             elif torch.isfinite(grad_norm):
                 optimizer.step()
-            finite = bool(torch.isfinite(grad_norm))
-            state["nonfinite_run"] = 0 if finite else state["nonfinite_run"] + 1
+            bad_loss, stop_now = step_flags(step_loss, stop, d)  # every rank
+            # with a GradScaler, overflowing gradients alone are its business: it skipped the step, lowers the scale
+            nonfinite = bad_loss or (not use_scaler and not bool(torch.isfinite(grad_norm)))
+            state["nonfinite_run"] = state["nonfinite_run"] + 1 if nonfinite else 0
             if state["nonfinite_run"] >= args.max_nonfinite_steps:
-                raise UserError(f"{state['nonfinite_run']} consecutive steps with a non-finite loss/gradient at step "
-                                f"{state['global_step'] + 1}; lower --learning_rate or use --bf16 instead of --fp16 "
-                                f"(best_model from step {state['best_step']} is intact)")
+                kept = f"best_model (step {state['best_step']}) is intact" if state["best_step"] else "no best_model"
+                raise UserError(f"{state['nonfinite_run']} consecutive steps with a non-finite loss (the last at step "
+                                f"{state['global_step'] + 1}); lower --learning_rate, or use --bf16 instead of --fp16 "
+                                f"({kept}; --max_nonfinite_steps sets the limit)")
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -433,15 +428,24 @@ def train(args, d: Dist) -> int:
                 samples_acc, tokens_acc, t_last, steps_since = 0, 0, time.perf_counter(), 0
             if gs % args.eval_steps == 0 or gs == total_steps:
                 run_eval(gs)
-            if gs % args.save_steps == 0 or gs == total_steps:
-                save_checkpoint(out / f"checkpoint-{gs}", model, {**meta, "metrics": None}, optimizer, scheduler,
-                                scaler, dict(state), d)
+            if gs % args.save_steps == 0 or gs == total_steps or stop_now:
+                C.save_checkpoint(out / f"checkpoint-{gs}", lambda folder: qcd.save_adapter(model, folder, meta),
+                                  optimizer, scheduler, scaler, dict(state), d)
                 if d.main:
-                    rotate_checkpoints(out, args.save_total_limit)
+                    C.rotate_checkpoints(out, args.save_total_limit)
                 t_last = time.perf_counter()  # eval/save time is not training throughput
+            if stop_now:
+                break
+        if stop_now:
+            break
+    stop.release()
     bar.close()
     if metrics_log:
         metrics_log.close()
+    if stop_now:
+        print0(f"stopped by {stop.name} at step {state['global_step']}/{total_steps}; checkpoint saved. Resume with "
+               "the same command plus --resume_from_checkpoint auto")
+        return 128 + (stop.signum or signal.SIGTERM)  # 143 (SIGTERM) / 130 (Ctrl-C): a scheduler sees "not done"
     print0(f"training done: best val macro-F1 {state['best_metric']:.4f} at step {state['best_step']}; "
            f"adapter in {out / 'best_model'}")
 
@@ -452,7 +456,8 @@ def train(args, d: Dist) -> int:
             m = evaluate(best, splits["test"], labels, args, d, packing, amp_dtype, pad_id)
             print0("test results (best_model):\n" + format_report(m))
             if d.main:
-                write_json(out / "test_results.json", {"model": str(out / "best_model"), "test_data": args.test_data,
+                write_json(out / "test_results.json", {"model": redact(out / "best_model"),
+                                                       "test_data": redact(args.test_data),
                                                        "best_step": state["best_step"], **m})
         if args.merge and d.main:
             qcd.export_merged(best, tok, out / "best_model_merged", best_meta)

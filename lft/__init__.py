@@ -6,5 +6,7 @@ One concern per module:
   data    - label set, loading/validating a split, tokenising, batching (padded and packed)
   metrics - confusion matrix -> every reported metric (through scikit-learn)
   dist    - torchrun/DDP set-up and the few collectives the scripts need
+  checkpoint - training checkpoints (atomic, sealed with sha256, verified on resume), the output folder's
+            checks, and the SIGTERM/Ctrl-C stop request
   demo    - the embedded demo: a tiny local Qwen3 checkpoint and a synthetic data set
 """

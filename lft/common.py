@@ -1,6 +1,7 @@
-"""Errors users see, the CLI wrapper every script uses, atomic writes, secret redaction."""
+"""Errors users see, the CLI wrapper every script uses, atomic writes, secret redaction, OOM hints."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -23,7 +24,7 @@ def run_cli(main, argv=None) -> int:
     try:
         rc = main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(redact(e).split())}", file=sys.stderr)  # one line, never a password
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -76,9 +77,32 @@ def write_json(path, obj) -> None:
         tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-_URI_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+# scheme:/+ also catches a URI that went through Path() ("mongodb:/user:pw@host": Path folds the "//")
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*:/+)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+_KEY_SECRETS = re.compile(r"(?i)\b(?P<key>password|passwd|pwd|secret|token|api_?key)=(?P<value>[^&;\s]+)")
 
 
 def redact(text: str) -> str:
-    """Hide the password in any `scheme://user:password@host` inside `text`."""
-    return _URI_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    """Hide the password in any `scheme://user:password@host` and any `password=...`-style pair in `text`."""
+    text = _URI_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    return _KEY_SECRETS.sub(lambda m: f"{m['key']}=***", text)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose error messages, which quote the offending argument, never show a password."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
+
+
+@contextlib.contextmanager
+def explain_oom(fix: str):
+    """Turn a CUDA out-of-memory error into one line that says which flag to change."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"out of GPU memory ({first}); {fix}") from None

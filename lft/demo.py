@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -227,6 +228,7 @@ def main(argv=None) -> int:
     import train_lora
 
     out = work / "lora_model"
+    shutil.rmtree(out, ignore_errors=True)  # each demo run trains afresh (train_lora refuses to mix two runs)
     rc = train_lora.main([
         "--checkpoint", str(ckpt), "--train_data", str(data["train"]), "--val_data", str(data["val"]),
         "--test_data", str(data["test"]), "--output_dir", str(out), "--num_epochs", str(args.num_epochs),

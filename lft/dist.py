@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .common import redact
+
 
 @dataclass
 class Dist:
@@ -37,8 +39,22 @@ def setup_distributed(device: str = "auto") -> Dist:
     if want_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo", device_id=dev if want_cuda else None)
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", device_id=dev if want_cuda else None,
+                                **_restart_safe_store(rank, world))
     return Dist(rank, world, local, dev)
+
+
+def _restart_safe_store(rank: int, world: int) -> dict:
+    """Under torchrun --max_restarts, a restarted group must not read the dead group's addresses. torchrun keeps
+    one rendezvous store across restarts (torch 2.13, see pytorch/pytorch#167288), so without a prefix per
+    attempt the new ranks connect to ports of killed ones ("Connection refused") and the restart fails."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://"))
+    return {"store": dist.PrefixStore(f"lft-attempt-{attempt}", store), "rank": rank, "world_size": world}
 
 
 def cleanup() -> None:
@@ -47,8 +63,9 @@ def cleanup() -> None:
 
 
 def print0(*args, **kw) -> None:
+    """Print on rank 0 only; strings pass through redact(), so a path or URI never shows a password."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kw, flush=True)
+        print(*(redact(a) if isinstance(a, str) else a for a in args), **kw, flush=True)
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .common import UserError, atomic_path
 
 FORMATS = (".xlsx", ".csv", ".jsonl", ".parquet")
 EXCEL_MAX_ROWS = 1_048_576  # Excel's sheet limit, header row included
+OLE2_MAGIC = bytes.fromhex("d0cf11e0a1b11ae1")  # compound-file header: encrypted .xlsx and legacy .xls
 
 
 def table_format(path) -> str:
@@ -37,6 +38,14 @@ def read_table(path) -> pd.DataFrame:
         raise UserError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty")
+    if fmt == ".xlsx":
+        with path.open("rb") as f:
+            magic = f.read(8)
+        if magic == OLE2_MAGIC:  # an .xlsx is a zip; an encrypted one is an OLE2 container, like an old .xls
+            raise UserError(f"{path}: password-protected (encrypted) workbook or an old .xls; open it in Excel, "
+                            "remove the password and save as .xlsx")
+        if magic[:2] != b"PK":
+            raise UserError(f"{path}: not an .xlsx workbook (damaged, or another format renamed); re-export it")
     try:
         if fmt == ".xlsx":
             _need("openpyxl", f"reading {path}")
@@ -57,6 +66,20 @@ def read_table(path) -> pd.DataFrame:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot read as {fmt[1:]} ({first})") from None
     return df
+
+
+def sheet_names(path) -> list[str]:
+    """The sheets of an .xlsx workbook, in order ([] if it cannot be read)."""
+    try:
+        import openpyxl
+
+        wb = openpyxl.load_workbook(path, read_only=True)
+        try:
+            return list(wb.sheetnames)
+        finally:
+            wb.close()
+    except Exception:  # only used to improve a message
+        return []
 
 
 def write_table(df: pd.DataFrame, path) -> None:

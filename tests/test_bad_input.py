@@ -1,0 +1,370 @@
+"""Bad input, case by case (the README's "Bad input" table), through the scripts as users run them.
+
+An error case must exit 2 with ONE line on stderr, "error: <file>: <what>, <rows>; <fix>", and leave no output
+(the output folder is not even created). A warning case trains, and prints "warning: ..." lines naming the
+file, the rows and the counts. A property-based test checks the loader against rules stated independently.
+"""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qwen3_classification_direct as qcd
+import test_saved_lora
+import train_lora
+from conftest import REPO, subprocess_env
+from lft.common import UserError, run_cli
+from lft.data import DEFAULT_LABELS, load_split
+from lft.tables import OLE2_MAGIC, write_table
+
+FAST = ("--num_epochs", "1", "--batch_size", "16", "--eval_steps", "100", "--logging_steps", "100")
+
+
+@pytest.fixture(scope="module")
+def frames(demo_data) -> dict:
+    return {name: pd.read_excel(path, dtype=object) for name, path in demo_data.items()}
+
+
+def argv(ckpt, paths: dict, out, *extra):
+    return ["--checkpoint", str(ckpt), "--train_data", str(paths["train"]), "--val_data", str(paths["val"]),
+            *(["--test_data", str(paths["test"])] if paths.get("test") else []), "--output_dir", str(out),
+            "--max_length", "64", "--no_progress", "--device", "cpu", *extra]
+
+
+# --- the cases ---------------------------------------------------------------------------------------------
+# Each builder gets (folder, demo frames) and returns the files to use instead of the demo ones (train/val/test)
+# and extra flags. Row numbers are what a user sees: the header is row 1 of a spreadsheet or csv.
+
+def _xlsx(folder, name, df):
+    write_table(df, folder / f"{name}.xlsx")
+    return folder / f"{name}.xlsx"
+
+
+def _with(df, column, rows: dict):
+    df = df.copy()
+    for i, v in rows.items():
+        df.loc[i, column] = v
+    return df
+
+
+def missing_file(f, fr):
+    return {"train": f / "nope.xlsx"}, ()
+
+
+def empty_file(f, fr):
+    (f / "train.csv").write_bytes(b"")
+    return {"train": f / "train.csv"}, ()
+
+
+def header_only(f, fr):
+    return {"val": _xlsx(f, "val", fr["val"].iloc[:0])}, ()
+
+
+def corrupt_xlsx(f, fr):
+    data = (f.parent / "ok.xlsx")
+    write_table(fr["train"], data)
+    (f / "train.xlsx").write_bytes(data.read_bytes()[:3000])  # a zip cut short
+    return {"train": f / "train.xlsx"}, ()
+
+
+def not_a_workbook(f, fr):
+    (f / "train.xlsx").write_text("text_cn,extracted_label\n你好,正常\n", encoding="utf-8")  # a csv renamed
+    return {"train": f / "train.xlsx"}, ()
+
+
+def password_protected(f, fr):
+    # an encrypted .xlsx is an OLE2 compound file (EncryptionInfo + EncryptedPackage streams), not a zip
+    (f / "train.xlsx").write_bytes(OLE2_MAGIC + bytes(504) + b"\0" * 4096)
+    return {"train": f / "train.xlsx"}, ()
+
+
+def wrong_sheet(f, fr):
+    with pd.ExcelWriter(f / "train.xlsx", engine="openpyxl") as w:
+        pd.DataFrame({"note": ["exported 2025-01-01"]}).to_excel(w, sheet_name="README", index=False)
+        fr["train"].to_excel(w, sheet_name="data", index=False)
+    return {"train": f / "train.xlsx"}, ()
+
+
+def gbk_csv(f, fr):
+    fr["train"].to_csv(f / "train.csv", index=False, encoding="gbk")
+    return {"train": f / "train.csv"}, ()
+
+
+def missing_column(f, fr):
+    return {"train": _xlsx(f, "train", fr["train"].rename(columns={"extracted_label": "label"}))}, ()
+
+
+def renamed_column(f, fr):
+    return {"train": _xlsx(f, "train", fr["train"].rename(columns={"text_cn": " Text_CN"}))}, ()
+
+
+def unknown_labels(f, fr):
+    return {"train": _xlsx(f, "train", _with(fr["train"], "extracted_label", {1: "色情", 5: "色情", 9: "spam"}))}, ()
+
+
+def ids_beyond_the_label_list(f, fr):
+    return {"train": _xlsx(f, "train", _with(fr["train"], "extracted_label", {3: 6}))}, ()
+
+
+def empty_texts(f, fr):
+    return {"train": _xlsx(f, "train", _with(fr["train"], "text_cn", {2: None, 7: "   "}))}, ()
+
+
+def empty_split_after_dedup(f, fr):
+    return {"val": _xlsx(f, "val", fr["test"].iloc[:10]), "test": _xlsx(f, "test", fr["test"])}, ("--dedup",)
+
+
+def messy_labels(f, fr):  # stray whitespace, full-width digits, Excel floats: all read as the clean label
+    df = _with(fr["train"], "extracted_label", {0: " 暴恐 ", 1: "暴恐\u3000", 2: "\t正常\n"})
+    df["extracted_label"] = df["extracted_label"].astype(object)
+    return {"train": _xlsx(f, "train", df)}, ()
+
+
+def ids_and_names_mixed(f, fr):
+    df = _with(fr["train"], "extracted_label", {0: 4, 1: "４", 2: 4.0, 3: "4.0"})
+    return {"train": _xlsx(f, "train", df)}, ()
+
+
+def numeric_texts(f, fr):
+    return {"train": _xlsx(f, "train", _with(fr["train"], "text_cn", {4: 12345, 6: 3.5}))}, ()
+
+
+def over_max_length(f, fr):
+    return {"train": _xlsx(f, "train", _with(fr["train"], "text_cn", {0: "很长的文本" * 40, 3: "长" * 500}))}, ()
+
+
+def duplicates(f, fr):
+    df = fr["train"].copy()
+    df.loc[10] = df.loc[0]  # an exact repeat
+    other = "正常" if df.loc[1, "extracted_label"] != "正常" else "暴恐"
+    df.loc[11, ["text_cn", "extracted_label"]] = [df.loc[1, "text_cn"] + " ", other]  # a repeat, another label
+    return {"train": _xlsx(f, "train", df)}, ()
+
+
+def overlap(f, fr):
+    train = pd.concat([fr["train"], fr["val"].iloc[:5], fr["test"].iloc[:3]], ignore_index=True)
+    return {"train": _xlsx(f, "train", train)}, ()
+
+
+def label_only_in_test(f, fr):
+    train = fr["train"][fr["train"]["extracted_label"] != "暴恐"]
+    val = fr["val"][fr["val"]["extracted_label"] != "暴恐"]
+    return {"train": _xlsx(f, "train", train), "val": _xlsx(f, "val", val)}, ()
+
+
+ERRORS = {  # case: (builder, substrings of the one error line)
+    "missing file": (missing_file, ["nope.xlsx: file not found"]),
+    "empty file (0 bytes)": (empty_file, ["train.csv: file is empty"]),
+    "empty split (header only)": (header_only, ["val.xlsx: no data rows"]),
+    "corrupt xlsx": (corrupt_xlsx, ["train.xlsx: cannot read as xlsx"]),
+    "csv renamed to .xlsx": (not_a_workbook, ["train.xlsx: not an .xlsx workbook", "re-export it"]),
+    "password-protected xlsx": (password_protected, ["train.xlsx: password-protected (encrypted) workbook",
+                                                     "remove the password"]),
+    "wrong sheet": (wrong_sheet, ["missing column(s) text_cn, extracted_label; found note",
+                                  "only the first sheet ('README') is read, the workbook also has 'data'"]),
+    "csv in GBK": (gbk_csv, ["train.csv: not UTF-8 text; re-save it as UTF-8"]),
+    "missing column": (missing_column, ["train.xlsx: missing column(s) extracted_label; found text_cn, label",
+                                        "--label_column"]),
+    "renamed column": (renamed_column, ["missing column(s) text_cn", "'text_cn' looks like ' Text_CN'"]),
+    "unknown label names": (unknown_labels, ["unknown extracted_label value(s): '色情' in row(s) 3, 7; "
+                                             "'spam' in row(s) 11", "Known (from --labels): 0=正常"]),
+    "label id beyond the list": (ids_beyond_the_label_list, ["'6' in row(s) 5"]),
+    "empty or NaN texts": (empty_texts, ["train.xlsx: empty text_cn in 2 row(s): 4, 9; fill or delete those rows"]),
+    "split emptied by --dedup": (empty_split_after_dedup, ["val.xlsx: no val rows left after --dedup"]),
+}
+
+WARNINGS = {  # case: (builder, substrings that must be printed, banner line that must be printed)
+    "labels with whitespace / full-width": (messy_labels, [], None),
+    "label ids and names mixed": (ids_and_names_mixed, ["extracted_label mixes label ids (4 rows, e.g. row 2) and "
+                                                        "names (212 rows); ids are read in --labels order"], None),
+    "numeric texts": (numeric_texts, ["2 text_cn value(s) are numbers or dates, not text (rows 6, 8)"], None),
+    "texts over --max_length": (over_max_length, ["2 text(s) longer than 64 tokens (up to 250) keep their first 64: "
+                                                  "rows 2, 5; raise --max_length"], "train           216 texts"),
+    "duplicates within a split": (duplicates, ["2 repeated text(s) in train (rows 12, 13), 1 of them with a "
+                                               "different label (rows 13); kept (--dedup removes them)"], None),
+    "overlap between splits": (overlap, ["5 train text(s) also in val", "rows 218, 219, 220, 221, 222; val scores "
+                                         "are optimistic (--dedup removes them)", "3 train text(s) also in test"],
+                               "train           224 texts"),
+    "overlap, --dedup": (lambda f, fr: (overlap(f, fr)[0], ("--dedup",)),
+                         ["5 train text(s) also in val", "removed from train (--dedup)"], "train           216 texts"),
+    "label in test, not in train": (label_only_in_test, ["label(s) 暴恐 (", "test rows) never occur in train"], None),
+}
+
+
+def build(case_builder, folder, frames, demo_data):
+    folder.mkdir()
+    paths, extra = case_builder(folder, frames)
+    return {**demo_data, **paths}, list(extra)
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_bad_input_is_one_error_line_and_no_output(case, tiny_ckpt, demo_data, frames, tmp_path, capsys):
+    builder, expected = ERRORS[case]
+    paths, extra = build(builder, tmp_path / "data", frames, demo_data)
+    out = tmp_path / "run"
+    assert run_cli(train_lora.main, argv(tiny_ckpt, paths, out, *FAST, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for text in expected:
+        assert text in err, (text, err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", WARNINGS)
+def test_questionable_input_trains_with_warnings(case, tiny_ckpt, demo_data, frames, tmp_path, capsys):
+    builder, expected, banner = WARNINGS[case]
+    paths, extra = build(builder, tmp_path / "data", frames, demo_data)
+    assert train_lora.main(argv(tiny_ckpt, paths, tmp_path / "run", *FAST, *extra)) == 0
+    log = capsys.readouterr().out
+    warnings = [line for line in log.splitlines() if line.startswith("warning: ")]
+    for text in expected:
+        assert any(text in w for w in warnings), (text, warnings)
+    if not expected:
+        assert warnings == []
+    if banner:
+        assert banner in log
+
+
+def test_messy_labels_read_as_the_clean_ones(frames, tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    messy = load_split(messy_labels(folder, frames)[0]["train"])
+    mixed = load_split(ids_and_names_mixed(folder, frames)[0]["train"])
+    assert messy.labels[:3].tolist() == [4, 4, 0] and mixed.labels[:4].tolist() == [4, 4, 4, 4]
+
+
+def test_dedup_drops_from_train_only(frames, demo_data, tmp_path):
+    from lft.data import check_splits
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    paths = {**demo_data, **overlap(folder, frames)[0]}
+    splits = {k: load_split(v) for k, v in paths.items()}
+    kept, notes = check_splits(splits, DEFAULT_LABELS, dedup=True)
+    assert [len(kept[k]) for k in ("train", "val", "test")] == [216, 72, 72]
+    assert kept["train"].rows.tolist() == list(range(216))  # the file rows of what is left
+    unchanged, _ = check_splits(splits, DEFAULT_LABELS, dedup=False)
+    assert len(unchanged["train"]) == 224 and len(notes) == 2
+
+
+# --- as users run them: a subprocess, exit status 2, one line, no traceback ----------------------------------
+
+CLI_CASES = ("missing file", "missing column", "unknown label names", "empty or NaN texts", "empty file (0 bytes)")
+
+
+def test_cli_exit_2_with_one_line(tiny_ckpt, demo_data, frames, tmp_path):
+    runs = {}
+    for i, case in enumerate(CLI_CASES):  # all at once: they are independent
+        builder, expected = ERRORS[case]
+        paths, extra = build(builder, tmp_path / f"data{i}", frames, demo_data)
+        out = tmp_path / f"run{i}"
+        cmd = [sys.executable, str(REPO / "train_lora.py"), *argv(tiny_ckpt, paths, out, *FAST, *extra)]
+        runs[case] = (subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True), expected, out)
+    for case, (p, expected, out) in runs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 2, (case, stderr)
+        assert stderr.count("\n") == 1 and stderr.startswith("error: ") and "Traceback" not in stderr, (case, stderr)
+        assert all(text in stderr for text in expected), (case, stderr)
+        assert not out.exists(), case
+
+
+# --- evaluation: data labels that the adapter does not know --------------------------------------------------
+
+def test_eval_data_with_labels_the_adapter_lacks(tiny_ckpt, demo_data, tmp_path, capsys):
+    model, identity = qcd.build_classifier(tiny_ckpt, ("neg", "pos"), lora=dict(r=4, alpha=8, dropout=0.0))
+    adapter = tmp_path / "adapter"
+    qcd.save_adapter(model, adapter, {"labels": ["neg", "pos"], "max_length": 64, "base": identity, "args": {}})
+    rc = run_cli(test_saved_lora.main, ["--checkpoint", str(tiny_ckpt), "--lora_model", str(adapter),
+                                        "--test_data", str(demo_data["test"]), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "test.xlsx: unknown extracted_label value(s): '" in err and "'违法违规' in row(s) " in err
+    assert f"Known (from the adapter {adapter / 'classifier_config.json'}): 0=neg, 1=pos" in err
+    assert not (adapter / "eval").exists()
+
+
+# --- property: the loader against independently stated rules ------------------------------------------------
+
+LABELS = ("正常", "歧视", "暴恐")
+SPACE = st.sampled_from([" ", "\t", "\u3000", "\xa0", "\n", ""])
+FULL = str.maketrans("0123456789.", "０１２３４５６７８９．")
+
+
+@st.composite
+def label_cell(draw, fmt):
+    """(cell value, the label id a reader must get, or None: must be reported as unknown)."""
+    i = draw(st.integers(0, len(LABELS) - 1))
+    kind = draw(st.sampled_from(["name", "id", "id text", "unknown", "id too big", "blank"]))
+    pad = draw(SPACE), draw(SPACE)
+    if kind == "name":
+        return pad[0] + LABELS[i] + pad[1], i
+    if kind == "id":
+        return (draw(st.sampled_from([i, float(i)])) if fmt == "jsonl" else str(i)), i
+    if kind == "id text":
+        text = draw(st.sampled_from([str(i), f"{i}.0"]))
+        return pad[0] + (text.translate(FULL) if draw(st.booleans()) else text) + pad[1], i
+    if kind == "unknown":
+        return "x" + draw(st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), max_size=5)), None
+    if kind == "id too big":
+        return str(len(LABELS) + draw(st.integers(0, 99))), None
+    return None, None
+
+
+@st.composite
+def text_cell(draw, fmt):
+    """(cell value, the text a reader must get, or None: must be reported as empty)."""
+    kind = draw(st.sampled_from(["text", "text", "number", "blank"]))
+    if kind == "text":
+        t = draw(st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")) | st.sampled_from("\n\t"),
+                         min_size=1, max_size=20))
+        return (t, t) if t.strip() else (t, None)
+    if kind == "number":
+        n = draw(st.integers(-10**6, 10**6))
+        return (n if fmt == "jsonl" else str(n)), str(n)
+    return draw(st.sampled_from([None, "", " ", "\u3000"])), None
+
+
+@st.composite
+def table_rows(draw):
+    fmt = draw(st.sampled_from(["csv", "jsonl"]))
+    n = draw(st.integers(1, 12))
+    return fmt, [(draw(text_cell(fmt)), draw(label_cell(fmt))) for _ in range(n)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table_rows())
+def test_loader_property(tmp_path, case):
+    fmt, rows = case
+    path = tmp_path / f"t.{fmt}"
+    df = pd.DataFrame({"text_cn": [t for (t, _), _ in rows], "extracted_label": [v for _, (v, _) in rows]},
+                      dtype=object)
+    if fmt == "csv":
+        df.to_csv(path, index=False, encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps({"text_cn": t, "extracted_label": v}, ensure_ascii=False) + "\n"
+                                for (t, _), (v, _) in rows), encoding="utf-8")
+    shown = (lambda i: i + 2) if fmt == "csv" else (lambda i: i + 1)  # the row a user finds
+    empty = [i for i, ((_, text), _) in enumerate(rows) if text is None]
+    unknown = [i for i, (_, (_, label)) in enumerate(rows) if label is None]
+    try:
+        split = load_split(path, LABELS)
+    except UserError as e:
+        msg = str(e)
+        assert msg.startswith(f"{path}: ") and "\n" not in msg
+        if empty:
+            assert f"empty text_cn in {len(empty)} row(s): " in msg
+            listed = msg.split("row(s): ")[1].split(";")[0]
+            assert listed.split(" and ")[0] == ", ".join(str(shown(i)) for i in empty[:8])
+        else:
+            assert unknown and "unknown extracted_label value(s)" in msg
+            assert all(f" {shown(i)}" in msg for i in unknown[:8]), msg
+        return
+    assert not empty and not unknown, "bad rows were accepted"
+    assert split.texts == [text for (_, text), _ in rows]
+    assert split.labels.tolist() == [label for _, (_, label) in rows]
+    assert split.rows.tolist() == list(range(len(rows)))

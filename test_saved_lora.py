@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp32", action="store_true")
     p.add_argument("--packing", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--attn_implementation", default="auto", choices=("auto", "sdpa", "eager", "varlen"))
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the decoder layers (auto: on for CUDA)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args(argv)
     problems = []
@@ -91,6 +93,8 @@ def run(args, d) -> int:
         C.check_weight_files(args.checkpoint)
     model, tokenizer, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype, attn)
     model.to(d.device)
+    if args.compile == "on" or (args.compile == "auto" and d.device.type == "cuda"):
+        qcd.compile_decoder_layers(model)
     max_length = args.max_length or meta["max_length"]
     D.tokenize_split(split, tokenizer, max_length, show=d.main)
     for line in split.notes:

@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp32", action="store_true", help="full fp32 even on a GPU")
     p.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
                    help="pack each micro-batch into one row without padding (auto: on for CUDA)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the decoder layers (auto: on for CUDA; ~2x faster on an H200)")
     p.add_argument("--max_tokens_per_row", type=int, default=16384,
                    help="with packing: a process's accumulation micro-batches share rows of up to this many tokens")
     p.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
@@ -282,6 +284,8 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
                   targets=[t.strip() for t in args.lora_target_modules.split(",") if t.strip()]))
     with explain_oom("the base model alone does not fit on this GPU: use --bf16 or a smaller Qwen3"):
         model.to(d.device)
+    if args.compile == "on" or (args.compile == "auto" and d.device.type == "cuda"):
+        qcd.compile_decoder_layers(model)
     memory_probe(model, args, packing, amp_dtype, pad_id, d)
     C.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)
     tokenize_data(splits, tokenizer, args, d)

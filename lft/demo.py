@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -179,6 +181,9 @@ def demo_records(per_label: int = 60, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for label, templates in _TEMPLATES.items():
+        distinct = sum(math.prod(len(_SLOTS[k]) for k in set(re.findall(r"\{(\w+)\}", t))) for t in templates)
+        if per_label > distinct:
+            raise ValueError(f"demo_records: label {label} has only {distinct} distinct texts; per_label <= {distinct}")
         seen = set()
         while len(seen) < per_label:
             template = rng.choice(templates)

@@ -231,13 +231,47 @@ def evaluate(model, split: D.Split, labels, args, d: Dist, packing: bool, amp_dt
     return metrics_from_confusion(cm, labels)
 
 
-def step_flags(step_loss: torch.Tensor, stop: C.StopRequest, d: Dist) -> tuple[bool, bool]:
-    """(loss non-finite on some rank, stop requested on some rank). Every rank, every step: one all-reduce, so
-    all ranks skip, count and stop together and none waits forever in a collective."""
-    flags = torch.stack([(~torch.isfinite(step_loss)).float(),
-                         torch.tensor(float(stop.signum is not None), device=step_loss.device)])
-    flags = all_reduce_sum(flags, d).tolist()
-    return flags[0] > 0, flags[1] > 0
+class LaggedFlags:
+    """Per-step flags, all-reduced on the device (so every rank decides alike), read on the host.
+
+    On CUDA they are read one step late: the copy is queued behind step N and read after step N+1 has been
+    queued, when the GPU is done with N, so reading never drains the queue and the CPU stays a step ahead.
+    On CPU there is no queue to protect: they are read at once."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending = None
+
+    def push(self, step: int, flags: torch.Tensor):
+        """(step, [flags]) of the newest step that can be read without waiting; (None, None) if none."""
+        if not self.cuda:
+            return step, flags.tolist()
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        ready, self.pending = self.pending, (step, host, event)
+        return self._read(ready)
+
+    def flush(self):
+        ready, self.pending = self.pending, None
+        return self._read(ready)
+
+    @staticmethod
+    def _read(entry):
+        if entry is None:
+            return None, None
+        step, host, event = entry
+        event.synchronize()
+        return step, host.tolist()
+
+
+def check_nonfinite(state: dict, step: int, args) -> None:
+    if state["nonfinite_run"] >= args.max_nonfinite_steps:
+        kept = f"best_model (step {state['best_step']}) is intact" if state["best_step"] else "no best_model"
+        raise UserError(f"{state['nonfinite_run']} consecutive steps with a non-finite loss (the last at step "
+                        f"{step}); lower --learning_rate, or use --bf16 instead of --fp16 "
+                        f"({kept}; --max_nonfinite_steps sets the limit)")
 
 
 OOM_FIX = ("lower --batch_size (raise --gradient_accumulation_steps to keep the effective batch), --max_length, "
@@ -314,7 +348,7 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
     no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate,
-                                  fused=d.device.type == "cuda")
+                                  fused=d.device.type == "cuda")  # a multi-tensor kernel; skips on found_inf
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
@@ -366,6 +400,8 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
     samples_acc, tokens_acc, t_last, steps_since = 0, 0, time.perf_counter(), 0
     start_epoch = state["global_step"] // steps_per_epoch
     stop_now = False
+    fused = d.device.type == "cuda"  # the optimizer below is fused AdamW there
+    lagged = LaggedFlags(d.device)
     stop.listen()  # from here SIGTERM/Ctrl-C finish the step, save a checkpoint and exit
     for epoch in range(start_epoch, args.num_epochs):
         for i, step in enumerate(epoch_steps(epoch)):
@@ -382,7 +418,7 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
             for k, mb in enumerate(micro):
                 seqs = [train_split.input_ids[j] for j in mb]
                 enc = D.to_device(D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id), d.device)
-                y = torch.as_tensor(train_split.labels[mb], device=d.device)
+                y = D.to_device({"y": torch.as_tensor(train_split.labels[mb])}, d.device)["y"]
                 sync = k == len(micro) - 1
                 with (contextlib.nullcontext() if sync or not d.enabled else ddp.no_sync()):
                     with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -395,19 +431,22 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
             loss_acc += step_loss
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else 1e30)
+            bad_grad = ~torch.isfinite(grad_norm)
             if use_scaler:
                 scaler.step(optimizer)  # skips the update itself when the scaled gradients overflowed
-            elif torch.isfinite(grad_norm):
+            elif fused:
+                optimizer.found_inf = bad_grad.float()  # the fused kernel skips the update on the device: no sync
                 optimizer.step()
-            bad_loss, stop_now = step_flags(step_loss, stop, d)  # every rank
+            elif not bool(bad_grad):
+                optimizer.step()
             # with a GradScaler, overflowing gradients alone are its business: it skipped the step, lowers the scale
-            nonfinite = bad_loss or (not use_scaler and not bool(torch.isfinite(grad_norm)))
-            state["nonfinite_run"] = state["nonfinite_run"] + 1 if nonfinite else 0
-            if state["nonfinite_run"] >= args.max_nonfinite_steps:
-                kept = f"best_model (step {state['best_step']}) is intact" if state["best_step"] else "no best_model"
-                raise UserError(f"{state['nonfinite_run']} consecutive steps with a non-finite loss (the last at step "
-                                f"{state['global_step'] + 1}); lower --learning_rate, or use --bf16 instead of --fp16 "
-                                f"({kept}; --max_nonfinite_steps sets the limit)")
+            flags = torch.stack([(~torch.isfinite(step_loss)).float(), bad_grad.float() * (not use_scaler),
+                                 torch.full((), float(stop.signum is not None), device=d.device)])
+            flag_step, host = lagged.push(state["global_step"] + 1, all_reduce_sum(flags, d))  # every rank
+            if host is not None:
+                stop_now = host[2] > 0
+                state["nonfinite_run"] = state["nonfinite_run"] + 1 if host[0] > 0 or host[1] > 0 else 0
+                check_nonfinite(state, flag_step, args)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -427,7 +466,8 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
                 if d.main:
                     bar.write(line) if not args.no_progress else print(line, flush=True)
                 log({"step": gs, "epoch": gs / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                     "grad_norm": float(grad_norm), "ms_per_step": 1000 * dt / steps_since, "samples_per_s": rate})
+                     "grad_norm": float(grad_norm), "ms_per_step": 1000 * dt / steps_since, "samples_per_s": rate,
+                     "tokens_per_s": tokens_acc * d.world / dt})
                 loss_acc.zero_()
                 samples_acc, tokens_acc, t_last, steps_since = 0, 0, time.perf_counter(), 0
             if gs % args.eval_steps == 0 or gs == total_steps:
@@ -442,6 +482,10 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
                 break
         if stop_now:
             break
+    flag_step, host = lagged.flush()  # the last step's flags, on CUDA
+    if host is not None:
+        state["nonfinite_run"] = state["nonfinite_run"] + 1 if host[0] > 0 or host[1] > 0 else 0
+        check_nonfinite(state, flag_step, args)
     stop.release()
     bar.close()
     if metrics_log:

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lft.common import UserError, atomic_dir, write_json
+from lft.common import UserError, atomic_dir, redact, write_json
 from lft.labels import DEFAULT_LABELS
 
 FORMAT = "lft-qwen3-classifier/1"
@@ -84,11 +84,13 @@ def register_varlen_attention() -> None:
 def choose_attention(requested: str, packing: bool, device) -> str:
     """'auto': varlen flash attention for packed rows on CUDA; sdpa otherwise (on CPU, packed rows get a
     block-diagonal mask that transformers derives from the restarting position ids)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-        have_varlen = torch.device(device).type == "cuda"
-    except ImportError:
-        have_varlen = False
+    have_varlen = False
+    if torch.device(device).type == "cuda":  # the import costs ~2 s (it loads dynamo): only where it can run
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+            have_varlen = True
+        except ImportError:
+            pass
     if requested == "varlen":
         if not (have_varlen and packing):
             raise UserError("--attn_implementation varlen needs CUDA, torch >= 2.10 and --packing on")
@@ -220,7 +222,7 @@ def base_identity(checkpoint, backbone) -> dict:
                             down[torch.linspace(0, down.shape[0] - 1, 16).long()].flatten()]).double().cpu()
         signs = torch.randint(0, 2, sample.shape, generator=torch.Generator().manual_seed(0)).double() * 2 - 1
         checksum = {"signed_sum": float(sample @ signs), "norm": float(sample.norm())}
-    return {"path": str(checkpoint), "name": Path(str(checkpoint)).name, "architecture": arch,
+    return {"path": redact(str(checkpoint)), "name": Path(str(checkpoint)).name, "architecture": arch,
             "architecture_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
             "weights_checksum": checksum}
 
@@ -305,16 +307,14 @@ def is_merged(folder) -> bool:
 def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation="sdpa"):
     """(model, tokenizer, meta) from an adapter folder on top of `checkpoint`, or from a merged folder
     (then `checkpoint` may be None). Refuses an adapter whose recorded base differs from `checkpoint`."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--lora_model {folder}: not a folder")
     meta = read_classifier_config(folder)
-    if is_merged(folder):
+    merged = is_merged(folder)
+    if merged:
         checkpoint = check_checkpoint(folder)
         backbone = load_backbone(folder, dtype, attn_implementation)
-        head = _merged_head(folder)
     else:
         missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
         if missing:
@@ -324,19 +324,30 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
         checkpoint = check_checkpoint(checkpoint)
         backbone = load_backbone(checkpoint, dtype, attn_implementation)
         check_base(meta["base"], base_identity(checkpoint, backbone), folder)
-        head = load_file(str(folder / "head.safetensors"))
     tokenizer = load_tokenizer(checkpoint)
     model = Qwen3Classifier(backbone, len(meta["labels"]), meta.get("dropout", 0.0), meta["pooling"])
-    if not is_merged(folder):
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    if merged:
+        model.score.weight.data.copy_(_merged_head(folder)["score.weight"].to(torch.float32))
+    else:
+        from peft import LoraConfig, get_peft_model
 
         config = LoraConfig.from_pretrained(str(folder))
         model.backbone = get_peft_model(model.backbone, config, autocast_adapter_dtype=True)
-        result = set_peft_model_state_dict(model.backbone, load_file(str(folder / "adapter_model.safetensors")))
-        if getattr(result, "unexpected_keys", None):
-            raise UserError(f"{folder}/adapter_model.safetensors: unexpected tensors {result.unexpected_keys[:3]}")
-    model.score.load_state_dict({"weight": head["score.weight"].to(torch.float32)})
+        load_adapter_weights(model, folder)
     return model.eval(), tokenizer, meta
+
+
+def load_adapter_weights(model: Qwen3Classifier, folder) -> None:
+    """An adapter folder's LoRA and head weights into a model that already has its LoRA layout (a fresh
+    load above, or a run resuming from checkpoint-<step>/)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    result = set_peft_model_state_dict(model.backbone, load_file(str(folder / "adapter_model.safetensors")))
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"{folder}/adapter_model.safetensors: unexpected tensors {result.unexpected_keys[:3]}")
+    model.score.weight.data.copy_(load_file(str(folder / "head.safetensors"))["score.weight"].to(torch.float32))
 
 
 def _merged_head(folder: Path) -> dict:

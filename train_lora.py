@@ -361,7 +361,7 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
             "args": C.safe_args(args), "metrics": None}
     state = {"global_step": 0, "best_metric": None, "best_step": None, "nonfinite_run": 0}
     if resume is not None:
-        state.update(C.load_checkpoint(resume, model, optimizer, scheduler, scaler, d))
+        state.update(C.load_checkpoint(resume, model, qcd.load_adapter_weights, optimizer, scheduler, scaler, d))
         print0(f"resumed from {resume} at step {state['global_step']}")
     else:
         torch.manual_seed(args.seed + d.rank)  # dropout masks differ per rank

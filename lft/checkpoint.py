@@ -244,12 +244,10 @@ def _check_state(state: dict, path: Path) -> dict:
     return {k: state.get(k) for k in ("global_step", "best_metric", "best_step", "nonfinite_run")}
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, d: Dist) -> dict:
-    """Weights, optimizer, scheduler, scaler and this rank's RNG from `path`; returns the loop state."""
+def load_checkpoint(path: Path, model, load_adapter, optimizer, scheduler, scaler, d: Dist) -> dict:
+    """Weights (through the model module's `load_adapter(model, folder)`), optimizer, scheduler, scaler and
+    this rank's RNG from `path`; returns the loop state."""
     import pickle
-
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     try:
         state = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
@@ -260,8 +258,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, d: Dist) ->
     if not isinstance(state, dict):
         raise UserError(f"{path / STATE_PT}: not a training state; it was not written by this toolkit")
     loop = _check_state(state, path)
-    set_peft_model_state_dict(model.backbone, load_file(str(path / "adapter_model.safetensors")))
-    model.score.weight.data.copy_(load_file(str(path / "head.safetensors"))["score.weight"])
+    load_adapter(model, path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -82,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pack each micro-batch into one row without padding (auto: on for CUDA)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decoder layers (auto: on for CUDA; ~2x faster on an H200)")
-    p.add_argument("--max_tokens_per_row", type=int, default=16384,
-                   help="with packing: a process's accumulation micro-batches share rows of up to this many tokens")
+    p.add_argument("--max_tokens_per_row", type=int, default=None,
+                   help="with packing: a process's accumulation micro-batches share rows of up to this many tokens "
+                        "(default batch_size x max_length, so no row needs more memory than a padded batch)")
     p.add_argument("--no_group_by_length", dest="group_by_length", action="store_false",
                    help="plain shuffled batches instead of length-grouped ones")
     p.add_argument("--max_nonfinite_steps", type=int, default=5,
@@ -112,6 +113,8 @@ def check_args(args) -> None:
                  "lora_r", "lora_alpha", "max_nonfinite_steps", "save_total_limit"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1")
+    if args.max_tokens_per_row is not None and args.max_tokens_per_row < 1:
+        problems.append("--max_tokens_per_row must be >= 1")
     if args.max_length < 2:
         problems.append("--max_length must be >= 2")
     if not args.learning_rate > 0:
@@ -132,6 +135,7 @@ def check_args(args) -> None:
     if problems:
         raise UserError("; ".join(problems))
     args.save_steps = args.save_steps or args.eval_steps
+    args.max_tokens_per_row = args.max_tokens_per_row or args.batch_size * args.max_length
     args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
 
 
@@ -171,11 +175,14 @@ def tokenize_data(splits: dict[str, D.Split], tokenizer, args, d: Dist) -> None:
 
 def memory_probe(model, args, packing: bool, amp_dtype, pad_id: int, d: Dist) -> None:
     """On a GPU, one forward/backward of the largest micro-batch the run can meet (batch_size texts of
-    max_length tokens) before the texts are tokenised: running out of memory shows in seconds, not after data
+    max_length tokens, or with packing the largest row accumulation can make) before the texts are tokenised: running out of memory shows in seconds, not after data
     preparation. Gradients are dropped; the RNG is re-seeded afterwards, so the run is unchanged."""
     if d.device.type != "cuda":
         return
-    seqs = [[pad_id] * args.max_length for _ in range(args.batch_size)]
+    n = args.batch_size
+    if packing:  # a process's accumulation micro-batches may share one row, up to --max_tokens_per_row
+        n = max(n, min(n * args.gradient_accumulation_steps, args.max_tokens_per_row // args.max_length))
+    seqs = [[pad_id] * args.max_length for _ in range(n)]
     enc = D.to_device(D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id), d.device)
     with explain_oom(f"one micro-batch of --batch_size {args.batch_size} x --max_length {args.max_length} "
                      "tokens does not fit: lower either (raise --gradient_accumulation_steps to keep the batch)"):

@@ -30,7 +30,8 @@ def poison(bad_calls):
 
     def forward(self, *a, **k):
         logits = real(self, *a, **k)
-        if self.training:
+        probe = bool((k["input_ids"] == 151643).all())  # train_lora's start-up memory probe: all padding
+        if self.training and not probe:
             calls[0] += 1
             if calls[0] in bad_calls:
                 return logits * float("nan")

@@ -4,7 +4,6 @@ Reading and writing both live here so the exporter's output is exactly what the 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -103,9 +102,3 @@ def write_table(df: pd.DataFrame, path) -> None:
         else:
             df.to_parquet(tmp, index=False)
 
-
-def remove_if_exists(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

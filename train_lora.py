@@ -353,9 +353,9 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
+    fused = d.device.type == "cuda"  # one multi-tensor kernel, which can skip a non-finite update by itself
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate,
-                                  fused=d.device.type == "cuda")  # a multi-tensor kernel; skips on found_inf
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, fused=fused)
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
@@ -407,7 +407,6 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
     samples_acc, tokens_acc, t_last, steps_since = 0, 0, time.perf_counter(), 0
     start_epoch = state["global_step"] // steps_per_epoch
     stop_now = False
-    fused = d.device.type == "cuda"  # the optimizer below is fused AdamW there
     lagged = LaggedFlags(d.device)
     stop.listen()  # from here SIGTERM/Ctrl-C finish the step, save a checkpoint and exit
     for epoch in range(start_epoch, args.num_epochs):

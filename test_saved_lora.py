@@ -89,8 +89,6 @@ def run(args, d) -> int:
     split = D.load_split(args.test_data, labels, args.text_column, args.label_column,
                          labels_from=f"the adapter {Path(args.lora_model) / 'classifier_config.json'}")
     C.check_output_dir(out, resuming=True)
-    if args.checkpoint:
-        C.check_weight_files(args.checkpoint)
     model, tokenizer, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype, attn)
     model.to(d.device)
     if args.compile == "on" or (args.compile == "auto" and d.device.type == "cuda"):

@@ -308,7 +308,7 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
     # check everything that can be wrong before writing anything, cheapest first: the base model's files, the
     # output folder, the checkpoint to resume, every data row; then the model on the device (and one worst-case
     # step on a GPU) and the disk space for its checkpoints; only then tokenise
-    C.check_weight_files(qcd.check_checkpoint(args.checkpoint))  # before importing transformers (seconds)
+    qcd.check_checkpoint(args.checkpoint)  # reads only headers, before importing transformers (seconds)
     C.check_output_dir(out, resuming=bool(args.resume_from_checkpoint))
     resume = C.find_checkpoint(args.resume_from_checkpoint, out)  # the newest that verifies; corrupt: skipped
     if resume is not None:

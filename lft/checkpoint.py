@@ -291,34 +291,6 @@ def truncate_log(path: Path, step: int) -> None:
         tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
 
 
-# --- weight files of the base model -----------------------------------------------------------------------
-
-def safetensors_problem(path: Path) -> str | None:
-    """None if `path` is a whole safetensors file (its header parses and its size is exactly what the header
-    describes), else what is wrong: catches a download cut short before loading gigabytes."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                return f"{path.name} is truncated ({size} bytes)"
-            header = json.loads(f.read(n))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        expected = 8 + n + max(ends, default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return f"{path.name} is not a safetensors file (damaged header)"
-    if size != expected:
-        return f"{path.name} has {size} bytes, its header describes {expected} (incomplete download?)"
-    return None
-
-
-def check_weight_files(checkpoint) -> None:
-    checkpoint = Path(checkpoint)
-    for f in sorted(checkpoint.glob("*.safetensors")):
-        if problem := safetensors_problem(f):
-            raise UserError(f"--checkpoint {checkpoint}: {problem}; download the model again")
-
-
 # --- stopping on a signal ---------------------------------------------------------------------------------
 
 class StopRequest:

@@ -100,6 +100,24 @@ def choose_attention(requested: str, packing: bool, device) -> str:
     return requested
 
 
+def choose_precision(args, device: torch.device):
+    """(weight dtype, autocast dtype or None, use GradScaler, reason). Qwen3 was trained in bf16, so bf16 is
+    the GPU default; fp16 keeps trainable weights in fp32 and needs a GradScaler; the CPU default is fp32."""
+    if args.fp16:
+        return torch.float16, torch.float16, True, "fp16 (--fp16): autocast + GradScaler, fp32 LoRA/head"
+    if args.bf16:
+        return torch.bfloat16, torch.bfloat16, False, "bf16 (--bf16): bf16 base, fp32 LoRA/head"
+    if device.type == "cuda" and not args.fp32 and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, torch.bfloat16, False, "bf16 (default on a GPU; Qwen3 was trained in bf16)"
+    why = "--fp32" if args.fp32 else "default on CPU"
+    return torch.float32, None, False, f"fp32 ({why})"
+
+
+def on_for_cuda(flag: str, device) -> bool:
+    """An auto|on|off flag (--packing, --compile): 'auto' means on for CUDA."""
+    return flag == "on" or (flag == "auto" and torch.device(device).type == "cuda")
+
+
 def compile_decoder_layers(model: "Qwen3Classifier") -> None:
     """torch.compile each decoder layer (dynamic shapes: packed rows vary in length). Fuses the RMSNorms,
     rotary embedding, SiLU gate and LoRA dropout/scale/add into a few kernels: on an H200 this doubled

@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import qwen3_classification_direct as qcd
@@ -76,12 +75,8 @@ def run(args, d) -> int:
     from lft.tables import write_table
     import pandas as pd
 
-    if d.device.type == "cuda" and not (args.fp16 or args.fp32):
-        dtype = torch.bfloat16
-    else:
-        dtype = torch.float16 if args.fp16 else (torch.bfloat16 if args.bf16 else torch.float32)
-    amp = dtype if dtype != torch.float32 else None
-    packing = args.packing == "on" or (args.packing == "auto" and d.device.type == "cuda")
+    dtype, amp, _, _ = qcd.choose_precision(args, d.device)
+    packing = qcd.on_for_cuda(args.packing, d.device)
     attn = qcd.choose_attention(args.attn_implementation, packing, d.device)
     out = Path(args.output_dir) if args.output_dir else Path(args.lora_model) / "eval"
     # cheap checks first: the adapter's label list against every data row, the output folder, the base weights
@@ -91,7 +86,7 @@ def run(args, d) -> int:
     C.check_output_dir(out, resuming=True)
     model, tokenizer, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype, attn)
     model.to(d.device)
-    if args.compile == "on" or (args.compile == "auto" and d.device.type == "cuda"):
+    if qcd.on_for_cuda(args.compile, d.device):
         qcd.compile_decoder_layers(model)
     max_length = args.max_length or meta["max_length"]
     D.tokenize_split(split, tokenizer, max_length, show=d.main)

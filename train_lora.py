@@ -139,19 +139,6 @@ def check_args(args) -> None:
     args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
 
 
-def choose_precision(args, device: torch.device):
-    """(weight dtype, autocast dtype or None, use GradScaler, reason). Qwen3 was trained in bf16, so bf16 is
-    the GPU default; fp16 keeps trainable weights in fp32 and needs a GradScaler; the CPU default is fp32."""
-    if args.fp16:
-        return torch.float16, torch.float16, True, "fp16 (--fp16): autocast + GradScaler, fp32 LoRA/head"
-    if args.bf16:
-        return torch.bfloat16, torch.bfloat16, False, "bf16 (--bf16): bf16 base, fp32 LoRA/head"
-    if device.type == "cuda" and not args.fp32 and torch.cuda.is_bf16_supported():
-        return torch.bfloat16, torch.bfloat16, False, "bf16 (default on a GPU; Qwen3 was trained in bf16)"
-    why = "--fp32" if args.fp32 else "default on CPU"
-    return torch.float32, None, False, f"fp32 ({why})"
-
-
 # --- data -------------------------------------------------------------------------------------------------
 
 def load_data(args, labels) -> dict[str, D.Split]:
@@ -302,8 +289,8 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
 
     labels = D.parse_labels(args.labels)
     out = Path(args.output_dir)
-    weight_dtype, amp_dtype, use_scaler, precision_reason = choose_precision(args, d.device)
-    packing = args.packing == "on" or (args.packing == "auto" and d.device.type == "cuda")
+    weight_dtype, amp_dtype, use_scaler, precision_reason = qcd.choose_precision(args, d.device)
+    packing = qcd.on_for_cuda(args.packing, d.device)
     attn = qcd.choose_attention(args.attn_implementation, packing, d.device)
     # check everything that can be wrong before writing anything, cheapest first: the base model's files, the
     # output folder, the checkpoint to resume, every data row; then the model on the device (and one worst-case
@@ -325,7 +312,7 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
                   targets=[t.strip() for t in args.lora_target_modules.split(",") if t.strip()]))
     with explain_oom("the base model alone does not fit on this GPU: use --bf16 or a smaller Qwen3"):
         model.to(d.device)
-    if args.compile == "on" or (args.compile == "auto" and d.device.type == "cuda"):
+    if qcd.on_for_cuda(args.compile, d.device):
         qcd.compile_decoder_layers(model)
     memory_probe(model, args, packing, amp_dtype, pad_id, d)
     C.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)

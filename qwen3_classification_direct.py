@@ -118,6 +118,15 @@ def on_for_cuda(flag: str, device) -> bool:
     return flag == "on" or (flag == "auto" and torch.device(device).type == "cuda")
 
 
+def use_cuda_graphs(flag: str, device, packing: bool, attn: str) -> bool:
+    """--cuda_graphs auto|on|off. Graphs replay fixed-shape packed rows (lft/cuda_graphs.py), so they need CUDA,
+    packing and the varlen attention; 'auto' uses them wherever they apply."""
+    possible = torch.device(device).type == "cuda" and packing and attn == VARLEN
+    if flag == "on" and not possible:
+        raise UserError("--cuda_graphs on needs a CUDA device, --packing on and varlen attention")
+    return possible and flag != "off"
+
+
 def compile_decoder_layers(model: "Qwen3Classifier") -> None:
     """torch.compile each decoder layer (dynamic shapes: packed rows vary in length). Fuses the RMSNorms,
     rotary embedding, SiLU gate and LoRA dropout/scale/add into a few kernels: on an H200 this doubled
@@ -161,7 +170,8 @@ class Qwen3Classifier(nn.Module):
                 seg = torch.repeat_interleave(torch.arange(len(lens), device=h.device), lens,
                                               output_size=h.shape[0])
                 pooled = torch.zeros(len(lens), h.shape[1], dtype=torch.float32, device=h.device)
-                pooled = pooled.index_add_(0, seg, h.float()) / lens.unsqueeze(1)
+                # empty segments (slots a fixed-shape row leaves unused) divide by 1, not 0: nothing reads them
+                pooled = pooled.index_add_(0, seg, h.float()) / lens.clamp(min=1).unsqueeze(1)
         else:
             h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -438,20 +448,43 @@ def export_merged(model: Qwen3Classifier, tokenizer, folder, meta: dict, dtype=t
 
 @torch.inference_mode()
 def predict_probs(model: Qwen3Classifier, input_ids: list[list[int]], batches: list[list[int]], device,
-                  pad_id: int, packing: bool = False, amp_dtype=None) -> dict[int, torch.Tensor]:
-    """Class probabilities for the samples in `batches` (lists of indices into input_ids), on the CPU."""
-    from lft.data import collate_packed, collate_padded, to_device
+                  pad_id: int, packing: bool = False, amp_dtype=None, graphs: bool = False,
+                  max_len: int | None = None) -> dict[int, torch.Tensor]:
+    """Class probabilities for the samples in `batches` (lists of indices into input_ids), on the CPU.
+    graphs: replay CUDA graphs of fixed-shape packed rows (see use_cuda_graphs); max_len bounds every text
+    (default: the longest given)."""
+    from lft.data import collate_packed, collate_packed_static, collate_padded, static_shape, to_device
 
     was_training = model.training
     model.eval()
+    runner = _eval_graphs(model, device, amp_dtype) if graphs else None
+    max_len = max_len or max((len(input_ids[i]) for b in batches for i in b), default=1)
     order, chunks = [], []
     for batch in batches:
         seqs = [input_ids[i] for i in batch]
-        enc = to_device(collate_packed(seqs) if packing else collate_padded(seqs, pad_id), device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            chunks.append(F.softmax(model(**enc), dim=-1))  # stays on the device: one transfer at the end
+        if runner is not None:
+            width, slots = static_shape(len(seqs), sum(map(len, seqs)), max_len)
+            chunks.append(runner(collate_packed_static(seqs, width, slots, max_len, pad_id))[:len(seqs)].clone())
+        else:
+            enc = to_device(collate_packed(seqs) if packing else collate_padded(seqs, pad_id), device)
+            with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                chunks.append(F.softmax(model(**enc), dim=-1))  # stays on the device: one transfer at the end
         order.extend(batch)
     model.train(was_training)
     probs = torch.cat(chunks).cpu() if chunks else torch.empty(0)
     return dict(zip(order, probs))
+
+
+def _eval_graphs(model: Qwen3Classifier, device, amp_dtype):
+    """The model's evaluation graphs (one per row shape), made on first use and kept with the model."""
+    from lft.cuda_graphs import RowGraphs
+
+    if getattr(model, "_eval_graphs", None) is None:
+        def forward(s):
+            with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                                cache_enabled=False):  # a graph must not keep autocast's cached casts
+                return F.softmax(model(s["input_ids"], position_ids=s["position_ids"], cu_seqlens=s["cu_seqlens"],
+                                       max_len=s["max_len"]), dim=-1)
+        model._eval_graphs = RowGraphs(forward, device)
+    return model._eval_graphs

@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attn_implementation", default="auto", choices=("auto", "sdpa", "eager", "varlen"))
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decoder layers (auto: on for CUDA)")
+    p.add_argument("--cuda_graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay each batch as a CUDA graph over fixed-shape packed rows (auto: on with CUDA + packing)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args(argv)
     problems = []
@@ -78,6 +80,7 @@ def run(args, d) -> int:
     dtype, amp, _, _ = qcd.choose_precision(args, d.device)
     packing = qcd.on_for_cuda(args.packing, d.device)
     attn = qcd.choose_attention(args.attn_implementation, packing, d.device)
+    graphs = qcd.use_cuda_graphs(args.cuda_graphs, d.device, packing, attn)
     out = Path(args.output_dir) if args.output_dir else Path(args.lora_model) / "eval"
     # cheap checks first: the adapter's label list against every data row, the output folder, the base weights
     labels = qcd.read_classifier_config(args.lora_model)["labels"]
@@ -96,7 +99,8 @@ def run(args, d) -> int:
            f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 
     batches = D.eval_batches(split.lengths, d.rank, d.world, max_tokens=args.batch_size * max_length)
-    probs = qcd.predict_probs(model, split.input_ids, batches, d.device, tokenizer.pad_token_id, packing, amp)
+    probs = qcd.predict_probs(model, split.input_ids, batches, d.device, tokenizer.pad_token_id, packing, amp,
+                              graphs, max_length)
     merged = {}
     for part in gather_objects(probs, d):  # every rank; each text was predicted by exactly one rank
         merged.update(part)

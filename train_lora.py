@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pack each micro-batch into one row without padding (auto: on for CUDA)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decoder layers (auto: on for CUDA; ~2x faster on an H200)")
+    p.add_argument("--cuda_graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay each training/eval step as a CUDA graph over fixed-shape packed rows (auto: on with "
+                        "CUDA + packing, training steps in single-process runs without --fp16)")
     p.add_argument("--max_tokens_per_row", type=int, default=None,
                    help="with packing: a process's accumulation micro-batches share rows of up to this many tokens "
                         "(default batch_size x max_length, so no row needs more memory than a padded batch)")
@@ -188,10 +191,12 @@ def class_weights(args, train: D.Split, num_labels: int):
     return torch.tensor(w, dtype=torch.float32)
 
 
-def banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reason, packing, params, tokenizer):
+def banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reason, packing, params, tokenizer,
+           graphs: str):
     lines = ["=" * 78, f"base model      {args.checkpoint}", f"precision       {precision_reason}",
              f"processes       {d.world} on {d.device.type}" + (" (DDP)" if d.enabled else ""),
              f"packing         {'on: one row per micro-batch, no padding' if packing else 'off: padded batches'}",
+             f"cuda graphs     {graphs}",
              f"parameters      {params[0]:,} total, {params[1]:,} trainable ({100 * params[1] / params[0]:.3f}%)"]
     for name, s in splits.items():
         counts = np.bincount(s.labels, minlength=len(labels))
@@ -212,10 +217,11 @@ def banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reas
 
 # --- evaluation -------------------------------------------------------------------------------------------
 
-def evaluate(model, split: D.Split, labels, args, d: Dist, packing: bool, amp_dtype, pad_id) -> dict:
+def evaluate(model, split: D.Split, labels, args, d: Dist, packing: bool, amp_dtype, pad_id, graphs=False) -> dict:
     """Each rank predicts a disjoint shard; confusion matrices are summed over ranks (counts, not means)."""
     batches = D.eval_batches(split.lengths, d.rank, d.world, max_tokens=args.eval_batch_size * args.max_length)
-    probs = qcd.predict_probs(model, split.input_ids, batches, d.device, pad_id, packing, amp_dtype)
+    probs = qcd.predict_probs(model, split.input_ids, batches, d.device, pad_id, packing, amp_dtype, graphs,
+                              args.max_length)
     idx = np.fromiter(probs.keys(), dtype=np.int64, count=len(probs))
     pred = torch.stack(list(probs.values())).argmax(-1).numpy() if len(probs) else np.empty(0, dtype=np.int64)
     from lft.metrics import confusion
@@ -223,6 +229,33 @@ def evaluate(model, split: D.Split, labels, args, d: Dist, packing: bool, amp_dt
     cm = torch.from_numpy(confusion(split.labels[idx], pred, len(labels))).to(torch.int64)
     cm = all_reduce_sum(cm.to(d.device), d).cpu().numpy()  # every rank
     return metrics_from_confusion(cm, labels)
+
+
+def micro_loss(forward, enc: dict, y, w, amp_dtype, device) -> torch.Tensor:
+    """sum_k w_k * cross-entropy(text k), w_k = class weight / the step's weight sum (0 for the unused slots of a
+    fixed-shape row), so a step's micro-batches add up to the mean over its texts."""
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                        cache_enabled=False):  # a CUDA graph must not keep autocast's cached casts
+        logits = forward(**enc)
+    return (F.cross_entropy(logits, y, reduction="none") * w).sum()
+
+
+def train_graphs(model, amp_dtype, d: Dist):
+    """CUDA graphs of one micro-batch's forward, loss and backward (lft/cuda_graphs.py). The backward adds
+    into gradient tensors that exist before any capture, so replays accumulate like eager backward calls."""
+    from lft.cuda_graphs import RowGraphs
+
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+    def step(s):
+        enc = {k: s[k] for k in ("input_ids", "position_ids", "cu_seqlens", "max_len")}
+        loss = micro_loss(model, enc, s["y"], s["w"], amp_dtype, d.device)
+        (loss * d.world).backward()
+        return loss.detach()
+
+    return RowGraphs(step, d.device, neutral=lambda s: s["w"].zero_())  # the warm-up run adds exactly 0
 
 
 class LaggedFlags:
@@ -292,6 +325,9 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
     weight_dtype, amp_dtype, use_scaler, precision_reason = qcd.choose_precision(args, d.device)
     packing = qcd.on_for_cuda(args.packing, d.device)
     attn = qcd.choose_attention(args.attn_implementation, packing, d.device)
+    graphs = qcd.use_cuda_graphs(args.cuda_graphs, d.device, packing, attn)  # evaluation
+    # training steps too, except under DDP (its hooks all-reduce inside backward) and fp16 (GradScaler)
+    step_graphs = graphs and not d.enabled and not use_scaler
     # check everything that can be wrong before writing anything, cheapest first: the base model's files, the
     # output folder, the checkpoint to resume, every data row; then the model on the device (and one worst-case
     # step on a GPU) and the disk space for its checkpoints; only then tokenise
@@ -335,7 +371,8 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
                 print0(f"note: {line}")
             write_json(out / "args.json", C.safe_args(args))  # never a password, whatever the arguments hold
     params = qcd.count_parameters(model)
-    banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reason, packing, params, tokenizer)
+    banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reason, packing, params, tokenizer,
+           "training steps and evaluation" if step_graphs else "evaluation" if graphs else "off")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
@@ -348,7 +385,6 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(d.device.type, enabled=use_scaler)
     cw = class_weights(args, train_split, len(labels))
-    cw_dev = cw.to(d.device) if cw is not None else None
 
     meta = {"labels": list(labels), "id2label": {i: n for i, n in enumerate(labels)},
             "max_length": args.max_length, "base": identity,
@@ -376,11 +412,15 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
                 metrics_log.flush()
 
     def run_eval(step: int) -> None:
-        m = evaluate(model, val_split, labels, args, d, packing, amp_dtype, pad_id)
+        t0 = time.perf_counter()
+        m = evaluate(model, val_split, labels, args, d, packing, amp_dtype, pad_id, graphs)
+        seconds = time.perf_counter() - t0
         improved = state["best_metric"] is None or m["macro_f1"] > state["best_metric"]
         print0(f"eval step {step} | val accuracy {m['accuracy']:.4f} | val macro-F1 {m['macro_f1']:.4f}"
-               + (" | new best" if improved else f" | best {state['best_metric']:.4f} at {state['best_step']}"))
-        log({"step": step, "split": "val", **{k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")}})
+               + (" | new best" if improved else f" | best {state['best_metric']:.4f} at {state['best_step']}")
+               + f" | {seconds:.1f} s")
+        log({"step": step, "split": "val", **{k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")},
+             "seconds": seconds})
         if improved:
             state.update(best_metric=m["macro_f1"], best_step=step)
             if d.main:
@@ -395,6 +435,7 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
     start_epoch = state["global_step"] // steps_per_epoch
     stop_now = False
     lagged = LaggedFlags(d.device)
+    runner = train_graphs(model, amp_dtype, d) if step_graphs else None
     stop.listen()  # from here SIGTERM/Ctrl-C finish the step, save a checkpoint and exit
     for epoch in range(start_epoch, args.num_epochs):
         for i, step in enumerate(epoch_steps(epoch)):
@@ -410,17 +451,24 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
             step_loss = torch.zeros((), device=d.device)
             for k, mb in enumerate(micro):
                 seqs = [train_split.input_ids[j] for j in mb]
-                enc = D.to_device(D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id), d.device)
-                y = D.to_device({"y": torch.as_tensor(train_split.labels[mb])}, d.device)["y"]
-                sync = k == len(micro) - 1
-                with (contextlib.nullcontext() if sync or not d.enabled else ddp.no_sync()):
-                    with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        logits = ddp(**enc)
-                    ce = F.cross_entropy(logits, y, weight=cw_dev, reduction="sum")
-                    scaler.scale(ce * (d.world / norm)).backward()
-                step_loss += ce.detach() / norm
+                n_tokens = sum(len(s) for s in seqs)
+                y = torch.as_tensor(train_split.labels[mb])
+                w = (cw[y] if cw is not None else torch.ones(len(mb))) / norm
+                if runner is not None:  # one graph replay: forward, loss and backward of a fixed-shape row
+                    width, slots = D.static_shape(len(seqs), n_tokens, args.max_length)
+                    enc = D.collate_packed_static(seqs, width, slots, args.max_length, pad_id)
+                    enc.update(y=F.pad(y, (0, slots - len(mb))), w=F.pad(w, (0, slots - len(mb))))
+                    step_loss += runner(enc)
+                else:
+                    enc = D.to_device(D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id), d.device)
+                    enc_y, enc_w = D.to_device({"y": y, "w": w}, d.device).values()
+                    sync = k == len(micro) - 1
+                    with (contextlib.nullcontext() if sync or not d.enabled else ddp.no_sync()):
+                        loss = micro_loss(ddp, enc, enc_y, enc_w, amp_dtype, d.device)
+                        scaler.scale(loss * d.world).backward()
+                    step_loss += loss.detach()
                 samples_acc += len(mb)
-                tokens_acc += sum(len(s) for s in seqs)
+                tokens_acc += n_tokens
             loss_acc += step_loss
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else 1e30)
@@ -442,7 +490,7 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
                 check_nonfinite(state, flag_step, args)
             scaler.update()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=runner is None)  # graphs add into the same gradient tensors
             state["global_step"] += 1
             steps_since += 1
             gs = state["global_step"]
@@ -494,7 +542,7 @@ def train(args, d: Dist, stop: C.StopRequest) -> int:
         best, tok, best_meta = qcd.load_classifier(args.checkpoint, out / "best_model", weight_dtype, attn)
         best.to(d.device)
         if args.test_data:
-            m = evaluate(best, splits["test"], labels, args, d, packing, amp_dtype, pad_id)
+            m = evaluate(best, splits["test"], labels, args, d, packing, amp_dtype, pad_id, graphs)
             print0("test results (best_model):\n" + format_report(m))
             if d.main:
                 write_json(out / "test_results.json", {"model": redact(out / "best_model"),

@@ -7,7 +7,8 @@ against a bf16 matmul ceiling measured in the same run, peak memory, and the pro
 original full recipe (45,000 texts x 3 epochs at 36 texts per optimizer step, 18,000 validation texts
 evaluated every 200 steps).
 
-    python bench/bench_gpu.py [--quick] [--out DIR]
+    python bench/bench_gpu.py [--quick] [--skip ref] [--out DIR]
+    python bench/bench_gpu.py --full_recipe [train_lora.py flags]   # the full recipe end to end, timed
 
 MFU counts 4 x N x real tokens/s for LoRA training (forward 2N, backward to activations 2N; frozen base
 weights get no weight gradients) and 2 x N for evaluation, N = 1.41e9 non-embedding parameters.
@@ -284,16 +285,48 @@ def ours_train(name, ckpt, work, n_texts, ceiling, *flags):
     return row
 
 
-def ours_eval(name, seqs, ceiling, max_tokens, compile_layers=False):
+def ours_eval(name, seqs, ceiling, max_tokens, compile_layers=False, graphs=False):
     model = build_ours().eval()
     if compile_layers:
         qcd.compile_decoder_layers(model)
     lens = torch.tensor([len(s) for s in seqs]).numpy()
     batches = D.eval_batches(lens, max_tokens=max_tokens)
-    sec, peak = timed(lambda _: qcd.predict_probs(model, seqs, batches, DEV, 151643, True, torch.bfloat16), 1, 1)
+    sec, peak = timed(lambda _: qcd.predict_probs(model, seqs, batches, DEV, 151643, True, torch.bfloat16, graphs,
+                                                  256), 1, 1)
     row = record(name, "eval", len(seqs), int(lens.sum()), sec, peak, ceiling, f"{max_tokens} tokens/row")
     free(model)
     return row
+
+
+def full_recipe(ckpt: Path, work: Path, flags: list[str]) -> int:
+    """The original full recipe, end to end, through train_lora.py: 45,000 training texts x 3 epochs at 18 x 2
+    texts per step, 18,000 validation texts evaluated every 200 steps (and at the end), checkpoints included."""
+    import train_lora
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    train = script_data(work, tok, 45000, 30, "full_train")
+    val = script_data(work, tok, 18000, 31, "full_val")
+    out = work / "out_full_recipe"
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    rc = train_lora.main(["--checkpoint", str(ckpt), "--train_data", str(train), "--val_data", str(val),
+                          "--output_dir", str(out), "--num_epochs", "3", "--batch_size", "18",
+                          "--learning_rate", "5e-5", "--max_length", "256", "--eval_steps", "200",
+                          "--no_progress", "--logging_steps", "50", *flags])
+    wall = time.perf_counter() - t
+    logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logs if r.get("split") == "val"]
+    train_rows = [r for r in logs if "tokens_per_s" in r][1:]
+    rate = sorted(r["tokens_per_s"] for r in train_rows)[len(train_rows) // 2]
+    summary = {"rc": rc, "wall_s": wall, "steps": logs[-1]["step"], "evals": len(evals),
+               "eval_s": sum(r["seconds"] for r in evals), "train_tokens_s_median": rate,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "flags": flags}
+    print(f"full recipe: rc {rc}, {wall / 60:.2f} min wall (start-up, tokenising, {summary['steps']} steps, "
+          f"{len(evals)} evaluations of 18,000 texts taking {summary['eval_s']:.0f} s, checkpoints); median "
+          f"training {rate / 1e3:.1f}k tok/s; peak {summary['peak_gib']:.1f} GiB", flush=True)
+    (OUT_DIR / "full_recipe.json").write_text(json.dumps(summary, indent=2))
+    return rc
 
 
 def check_packed_equals_padded(seqs) -> float:
@@ -316,7 +349,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where bench_results.json goes")
     p.add_argument("--skip", default="", help="comma-separated recipe groups to skip: ref")
     p.add_argument("--workdir", default="/tmp/lft_bench", help="checkpoint folder and synthetic data go here")
-    args = p.parse_args(argv)
+    p.add_argument("--full_recipe", action="store_true",
+                   help="instead of the table: run the original full recipe end to end and time it")
+    args, extra = p.parse_known_args(argv)  # with --full_recipe, the rest goes to train_lora.py
     skip = set(filter(None, args.skip.split(",")))
     global OUT_DIR
     OUT_DIR = Path(args.out)
@@ -327,6 +362,11 @@ def main(argv=None) -> int:
     print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | transformers "
           f"{transformers.__version__} | peft {peft.__version__} | N = {N_PARAMS / 1e9:.3f}e9 non-embedding", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.full_recipe:
+        work = Path(args.workdir)
+        return full_recipe(build_checkpoint_folder(work / "qwen3-1.7b-shaped"), work, extra)
+    if extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     ceiling = matmul_ceiling()
     print(f"measured bf16 matmul ceiling: {ceiling / 1e12:.0f} TFLOP/s", flush=True)
     steps, warmup = (6, 2) if args.quick else (15, 3)
@@ -353,8 +393,10 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     ckpt = build_checkpoint_folder(work / "qwen3-1.7b-shaped")
     n_script = 3600 if args.quick else 9000  # 100 / 250 optimizer steps at the defaults
-    ours_tr = attempt(ours_train, "ours: train_lora.py defaults (18x2, packed, varlen, compiled)", ckpt, work,
-                      n_script, ceiling, "--batch_size", "18")
+    ours_tr = attempt(ours_train, "ours: train_lora.py defaults (18x2, packed, varlen, compiled, CUDA graphs)", ckpt,
+                      work, n_script, ceiling, "--batch_size", "18")
+    attempt(ours_train, "ours: train_lora.py --cuda_graphs off", ckpt, work, 3600, ceiling, "--batch_size", "18",
+            "--cuda_graphs", "off")
     attempt(ours_train, "ours: train_lora.py --compile off", ckpt, work, 3600, ceiling, "--batch_size", "18",
             "--compile", "off")
     if "ref" not in skip:
@@ -362,9 +404,10 @@ def main(argv=None) -> int:
                  torch.float16, 18, "pad256", ceiling)
         attempt(ref_eval, "eval transformers bf16, sorted, batch 256", eval_seqs, torch.bfloat16, torch.bfloat16, 256,
                  "sorted", ceiling)
-    ours_ev = attempt(ours_eval, "eval ours: defaults (packed varlen, 36x256 tokens/row, compiled)", eval_seqs,
-                      ceiling, 36 * 256, compile_layers=True)
-    attempt(ours_eval, "eval ours: defaults, --compile off", eval_seqs, ceiling, 36 * 256)
+    ours_ev = attempt(ours_eval, "eval ours: defaults (packed varlen, 36x256 tokens/row, compiled, CUDA graphs)",
+                      eval_seqs, ceiling, 36 * 256, compile_layers=True, graphs=True)
+    attempt(ours_eval, "eval ours: --cuda_graphs off", eval_seqs, ceiling, 36 * 256, compile_layers=True)
+    attempt(ours_eval, "eval ours: --compile off", eval_seqs, ceiling, 36 * 256, graphs=True)
     mean_len = sum(lengths(45000, 2)) / 45000
     train_tokens, steps_total = 45000 * 3 * mean_len, 3 * math.ceil(45000 / 36)
     eval_tokens = 18000 * mean_len * (steps_total // 200 + 1)

@@ -315,6 +315,36 @@ def collate_packed(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "max_len": int(lens.max())}
 
 
+def collate_packed_static(seqs: list[list[int]], width: int, slots: int, max_len: int, pad_id: int
+                          ) -> dict[str, torch.Tensor]:
+    """`collate_packed` laid out in a fixed shape, so one CUDA graph serves every row of that shape: the row is
+    `width` tokens (real tokens, then padding cut into segments of at most `max_len`, each its own sample that
+    nothing pools), and cu_seqlens has `slots` + 1 entries (after the real and padding samples come empty
+    ones, repeating the row's end). Sample k's logits are row k of the output for k < len(seqs); the rest are
+    to be ignored. max_len is the fixed bound of every sample (the run's --max_length)."""
+    lens = [len(s) for s in seqs]
+    total = sum(lens)
+    pad = width - total
+    pad_lens = [min(max_len, pad - o) for o in range(0, pad, max_len)]
+    if pad < 0 or len(seqs) + len(pad_lens) > slots or max(lens, default=0) > max_len:
+        raise ValueError(f"{len(seqs)} texts of {total} tokens do not fit {width} tokens / {slots} slots")
+    cu = torch.full((slots + 1,), width, dtype=torch.int32)
+    cu[0] = 0
+    cu[1:len(lens) + len(pad_lens) + 1] = torch.cumsum(torch.tensor(lens + pad_lens, dtype=torch.int32), 0)
+    ids = torch.full((1, width), pad_id, dtype=torch.long)
+    ids[0, :total] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    pos = torch.cat([torch.arange(n, dtype=torch.long) for n in lens + pad_lens]).unsqueeze(0)
+    return {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "max_len": max_len}
+
+
+def static_shape(n_texts: int, n_tokens: int, max_len: int, step: int = 256) -> tuple[int, int]:
+    """(width, slots) of the fixed-shape row that holds n_texts texts of n_tokens tokens: the width rounds up to
+    a multiple of `step` (a few percent of padding at the defaults), the slots to a power of two >= 64."""
+    width = max(step, -(-n_tokens // step) * step)
+    need = n_texts + -(-(width - n_tokens) // max_len)
+    return width, max(64, 1 << (need - 1).bit_length())
+
+
 def to_device(batch: dict, device) -> dict:
     """Tensors to `device`; ints stay on the host. For CUDA they are pinned first: a copy from pageable memory
     waits for the GPU to drain its queue, which would stall the CPU once per micro-batch."""

@@ -53,3 +53,21 @@ def test_collate_packed_layout():
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     moved = D.to_device(out, "cpu")
     assert moved["max_len"] == 3 and torch.equal(moved["input_ids"], out["input_ids"])
+
+
+def test_collate_packed_static_layout():
+    out = D.collate_packed_static([[5, 6, 7], [8]], width=9, slots=6, max_len=3, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 0, 0, 0, 0, 0]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 2, 0, 1]]  # padding: segments of <= max_len
+    assert out["cu_seqlens"].tolist() == [0, 3, 4, 7, 9, 9, 9] and out["cu_seqlens"].dtype == torch.int32
+    assert out["max_len"] == 3
+    assert D.static_shape(36, 2990, 256) == (3072, 64)
+    assert D.static_shape(100, 3072, 256) == (3072, 128)  # no padding needed: 100 slots -> 128
+    assert D.static_shape(1, 5, 256) == (256, 64)
+    for n_texts, n_tokens in [(1, 1), (36, 4608), (63, 300), (500, 9000)]:  # every row fits its shape
+        width, slots = D.static_shape(n_texts, n_tokens, 256)
+        assert width >= n_tokens and slots >= n_texts + -(-(width - n_tokens) // 256)
+    import pytest
+
+    with pytest.raises(ValueError):
+        D.collate_packed_static([[1] * 10], width=8, slots=4, max_len=16, pad_id=0)

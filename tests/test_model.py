@@ -7,7 +7,7 @@ from transformers import AutoModelForSequenceClassification, Qwen3ForSequenceCla
 
 import qwen3_classification_direct as qcd
 from lft.common import UserError
-from lft.data import DEFAULT_LABELS, collate_packed, collate_padded
+from lft.data import DEFAULT_LABELS, collate_packed, collate_packed_static, collate_padded, static_shape
 
 TEXTS = ["今天天气很好，我们一起去公园散步。", "出售假证件，量大从优", "hello 世界", "某些人就是素质低，千万别和他们来往，看着就烦。"]
 
@@ -64,6 +64,47 @@ def test_packed_equals_padded(tiny_ckpt, pooling):
         padded = model(**collate_padded(seqs, tok.pad_token_id))
         packed = model(**collate_packed(seqs))
     assert (padded - packed).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_fixed_shape_row_equals_packed_row_logits_loss_and_gradients(tiny_ckpt, pooling):
+    """What a CUDA graph replays (a row padded to a fixed width, unused slots, per-text loss weights) gives the
+    logits, loss and LoRA gradients of the exact packed row: padding and empty slots leak into nothing."""
+    from train_lora import micro_loss
+
+    torch.manual_seed(3)
+    model, _ = qcd.build_classifier(tiny_ckpt, DEFAULT_LABELS, dropout=0.0, pooling=pooling,
+                                    lora=dict(r=4, alpha=8, dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # fresh LoRA B is 0: give the adapters gradients worth comparing
+            torch.nn.init.normal_(p, std=0.1)
+    tok = qcd.load_tokenizer(tiny_ckpt)
+    seqs = encode(tok)
+    max_len = max(map(len, seqs))
+    width, slots = static_shape(len(seqs), sum(map(len, seqs)), max_len, step=64)
+    assert width - sum(map(len, seqs)) > max_len  # two padding segments
+    y = torch.tensor([1, 4, 0, 2, 5][:len(seqs)])
+    w = torch.rand(len(seqs)) / len(seqs)
+    fixed = collate_packed_static(seqs, width, slots, max_len, tok.pad_token_id)
+    fixed_y, fixed_w = torch.nn.functional.pad(y, (0, slots - len(seqs))), torch.nn.functional.pad(w, (0, slots - len(seqs)))
+
+    def run(enc, yy, ww):
+        model.zero_grad(set_to_none=True)
+        loss = micro_loss(model, enc, yy, ww, None, torch.device("cpu"))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            logits = model(**enc)
+        return loss.detach(), logits, grads
+
+    model.train()
+    loss_a, logits_a, grads_a = run(collate_packed(seqs), y, w)
+    loss_b, logits_b, grads_b = run(fixed, fixed_y, fixed_w)
+    assert logits_b.shape[0] == slots
+    assert (logits_a - logits_b[:len(seqs)]).abs().max().item() <= 1e-5
+    assert abs(loss_a.item() - loss_b.item()) <= 1e-6
+    assert len(grads_a) > 4 and all(torch.allclose(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-4) for n in grads_a)
+    assert any(grads_a[n].abs().sum() > 0 for n in grads_a if "lora_A" in n)
 
 
 def test_matches_transformers_sequence_classification(tiny_ckpt):

@@ -463,7 +463,8 @@ def predict_probs(model: Qwen3Classifier, input_ids: list[list[int]], batches: l
     for batch in batches:
         seqs = [input_ids[i] for i in batch]
         if runner is not None:
-            width, slots = static_shape(len(seqs), sum(map(len, seqs)), max_len)
+            # widths in steps of 512: rows made by eval_batches(packed=True) nearly all share one width
+            width, slots = static_shape(len(seqs), sum(map(len, seqs)), max_len, step=512)
             chunks.append(runner(collate_packed_static(seqs, width, slots, max_len, pad_id))[:len(seqs)].clone())
         else:
             enc = to_device(collate_packed(seqs) if packing else collate_padded(seqs, pad_id), device)

@@ -98,7 +98,7 @@ def run(args, d) -> int:
     print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {str(dtype)[6:]}); "
            f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 
-    batches = D.eval_batches(split.lengths, d.rank, d.world, max_tokens=args.batch_size * max_length)
+    batches = D.eval_batches(split.lengths, d.rank, d.world, max_tokens=args.batch_size * max_length, packed=graphs)
     probs = qcd.predict_probs(model, split.input_ids, batches, d.device, tokenizer.pad_token_id, packing, amp,
                               graphs, max_length)
     merged = {}

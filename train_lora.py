@@ -219,7 +219,8 @@ def banner(args, splits, labels, steps_per_epoch, total_steps, d, precision_reas
 
 def evaluate(model, split: D.Split, labels, args, d: Dist, packing: bool, amp_dtype, pad_id, graphs=False) -> dict:
     """Each rank predicts a disjoint shard; confusion matrices are summed over ranks (counts, not means)."""
-    batches = D.eval_batches(split.lengths, d.rank, d.world, max_tokens=args.eval_batch_size * args.max_length)
+    batches = D.eval_batches(split.lengths, d.rank, d.world, max_tokens=args.eval_batch_size * args.max_length,
+                             packed=graphs)
     probs = qcd.predict_probs(model, split.input_ids, batches, d.device, pad_id, packing, amp_dtype, graphs,
                               args.max_length)
     idx = np.fromiter(probs.keys(), dtype=np.int64, count=len(probs))

@@ -290,7 +290,7 @@ def ours_eval(name, seqs, ceiling, max_tokens, compile_layers=False, graphs=Fals
     if compile_layers:
         qcd.compile_decoder_layers(model)
     lens = torch.tensor([len(s) for s in seqs]).numpy()
-    batches = D.eval_batches(lens, max_tokens=max_tokens)
+    batches = D.eval_batches(lens, max_tokens=max_tokens, packed=graphs)
     sec, peak = timed(lambda _: qcd.predict_probs(model, seqs, batches, DEV, 151643, True, torch.bfloat16, graphs,
                                                   256), 1, 1)
     row = record(name, "eval", len(seqs), int(lens.sum()), sec, peak, ceiling, f"{max_tokens} tokens/row")

@@ -10,26 +10,18 @@ slot counts (powers of two); the graph of a shape is captured the first time tha
     out = graphs(inputs)   # inputs: host tensors of a fixed-shape row (+ host ints); out: fn's tensor
 
 `fn(static)` may do only device work: no `.item()`, no host reads, no new shapes. Its output tensor lives in
-graph memory and is overwritten by the next replay of the same shape: use it before calling again. All graphs
-of a process share one memory pool (they never run at the same time), so the memory is the largest graph's,
-not the sum. If a capture fails (an op in `fn` that graphs cannot hold), one warning is printed and every call
-from then on runs `fn` eagerly on the same fixed-shape inputs: slower, same results.
+graph memory and is overwritten by the next replay (of any shape): use it before calling again. The graphs of
+one RowGraphs share one memory pool (they never run at the same time), so its memory is the largest graph's,
+not the sum. A failed capture leaves the CUDA random generator unusable for the rest of the process, so it is
+not papered over: it raises a UserError that says to run with --cuda_graphs off.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
+from .common import UserError
+
 MAX_GRAPHS = 96  # shapes past this run without a graph (each graph holds a few MB of host-side structures)
-_POOLS: dict = {}
-
-
-def shared_pool(device: torch.device):
-    device = torch.device(device)
-    if device not in _POOLS:
-        _POOLS[device] = torch.cuda.graph_pool_handle()
-    return _POOLS[device]
 
 
 class RowGraphs:
@@ -39,7 +31,7 @@ class RowGraphs:
         self.fn, self.device, self.neutral = fn, torch.device(device), neutral
         self.graphs: dict = {}
         self.captures = 0
-        self.broken: str | None = None  # why capturing failed; then fn runs eagerly
+        self.pool = None  # the first graph's memory pool, shared by the later ones
 
     @staticmethod
     def key(inputs: dict) -> tuple:
@@ -49,12 +41,9 @@ class RowGraphs:
         key = self.key(inputs)
         entry = self.graphs.get(key)
         if entry is None:
-            if self.broken or len(self.graphs) >= MAX_GRAPHS:
+            if len(self.graphs) >= MAX_GRAPHS:
                 return self.fn(_to_device(inputs, self.device))
-            entry = self._capture(inputs)
-            if entry is None:
-                return self.fn(_to_device(inputs, self.device))
-            self.graphs[key] = entry
+            entry = self.graphs[key] = self._capture(inputs)
         graph, static, out = entry
         for k, v in inputs.items():
             if torch.is_tensor(v):
@@ -74,14 +63,12 @@ class RowGraphs:
         stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=shared_pool(self.device)):
+            with torch.cuda.graph(graph, pool=self.pool):
                 out = self.fn(static)
-        except RuntimeError as e:  # the capture recorded, ran nothing: the eager path is still exact
-            self.broken = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            print(f"warning: CUDA graph capture failed ({self.broken}); continuing without graphs "
-                  "(pass --cuda_graphs off to skip the attempt)", file=sys.stderr, flush=True)
-            torch.cuda.synchronize(self.device)
-            return None
+        except RuntimeError as e:
+            raise UserError(f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); run again with "
+                            "--cuda_graphs off (plus --resume_from_checkpoint auto to continue a training run)") from e
+        self.pool = self.pool or graph.pool()
         self.captures += 1
         return graph, static, out
 

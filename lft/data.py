@@ -271,18 +271,21 @@ def training_steps(batches: list[list[int]], accum: int, world: int) -> list[lis
 
 
 def eval_batches(lengths: np.ndarray, rank: int = 0, world: int = 1, max_tokens: int = 0,
-                 batch_size: int = 32) -> list[list[int]]:
+                 batch_size: int = 32, packed: bool = False) -> list[list[int]]:
     """This rank's evaluation batches: every sample exactly once over all ranks (no padding duplicates),
-    sorted by length so batches are dense; bounded by `max_tokens` padded tokens if given, else batch_size."""
+    sorted by length so batches are dense; bounded by `max_tokens` padded tokens if given (real tokens if
+    `packed`: rows of one length whatever the texts', which CUDA graphs replay), else by batch_size."""
     mine = [i for i in range(len(lengths)) if i % world == rank]
     mine.sort(key=lambda i: -lengths[i])
-    batches, cur = [], []
+    batches, cur, real = [], [], 0
     for i in mine:
         width = max([lengths[i]] + [lengths[j] for j in cur[:1]])  # sorted descending: first is longest
-        if cur and ((max_tokens and width * (len(cur) + 1) > max_tokens) or (not max_tokens and len(cur) >= batch_size)):
+        need = real + lengths[i] if packed else width * (len(cur) + 1)
+        if cur and ((max_tokens and need > max_tokens) or (not max_tokens and len(cur) >= batch_size)):
             batches.append(cur)
-            cur = []
+            cur, real = [], 0
         cur.append(i)
+        real += int(lengths[i])
     if cur:
         batches.append(cur)
     return batches
@@ -337,9 +340,9 @@ def collate_packed_static(seqs: list[list[int]], width: int, slots: int, max_len
     return {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "max_len": max_len}
 
 
-def static_shape(n_texts: int, n_tokens: int, max_len: int, step: int = 256) -> tuple[int, int]:
+def static_shape(n_texts: int, n_tokens: int, max_len: int, step: int = 128) -> tuple[int, int]:
     """(width, slots) of the fixed-shape row that holds n_texts texts of n_tokens tokens: the width rounds up to
-    a multiple of `step` (a few percent of padding at the defaults), the slots to a power of two >= 64."""
+    a multiple of `step` (~2% padding at the training defaults), the slots to a power of two >= 64."""
     width = max(step, -(-n_tokens // step) * step)
     need = n_texts + -(-(width - n_tokens) // max_len)
     return width, max(64, 1 << (need - 1).bit_length())

@@ -40,6 +40,13 @@ def test_eval_batches_each_text_once_over_ranks():
             assert len(b) * max(lengths[b]) <= max(2048, max(lengths[b]))
             seen += b
     assert sorted(seen) == list(range(997))
+    seen = []
+    for rank in range(2):  # packed rows: the budget counts real tokens, so rows of short texts hold many
+        batches = D.eval_batches(lengths, rank, 2, max_tokens=2048, packed=True)
+        assert all(lengths[b].sum() <= 2048 for b in batches) and max(len(b) for b in batches) > 2048 // 299
+        assert all(lengths[b].sum() > 2048 - 300 for b in batches[:-1])  # each row full but for one text
+        seen += [i for b in batches for i in b]
+    assert sorted(seen) == list(range(997))
 
 
 def test_collate_packed_layout():
@@ -63,7 +70,8 @@ def test_collate_packed_static_layout():
     assert out["max_len"] == 3
     assert D.static_shape(36, 2990, 256) == (3072, 64)
     assert D.static_shape(100, 3072, 256) == (3072, 128)  # no padding needed: 100 slots -> 128
-    assert D.static_shape(1, 5, 256) == (256, 64)
+    assert D.static_shape(1, 5, 256) == (128, 64)
+    assert D.static_shape(1, 5, 256, step=512) == (512, 64)
     for n_texts, n_tokens in [(1, 1), (36, 4608), (63, 300), (500, 9000)]:  # every row fits its shape
         width, slots = D.static_shape(n_texts, n_tokens, 256)
         assert width >= n_tokens and slots >= n_texts + -(-(width - n_tokens) // 256)

@@ -2,9 +2,10 @@
 
 At the default 36 texts (~3,000 tokens) per optimizer step, a Qwen3-1.7B step is a few thousand small kernels;
 issuing them one by one from Python took ~110 ms on an H200, several times the GPU's own work
-(bench/RESULTS.md). A CUDA graph records the kernels once and replays them with one call. Graphs need fixed
-shapes, so rows are laid out by `data.collate_packed_static` in a few widths (multiples of 256 tokens) and
-slot counts (powers of two); the graph of a shape is captured the first time that shape appears.
+(bench/RESULTS.md); replayed as CUDA graphs the step takes ~47 ms. A graph records the kernels once and
+replays them with one call. Graphs need fixed shapes, so rows are laid out by `data.collate_packed_static` in a
+few widths (steps of 128 tokens for training rows, 512 for evaluation rows) and slot counts (powers of two);
+the graph of a shape is captured the first time that shape appears.
 
     graphs = RowGraphs(fn, device, neutral=...)
     out = graphs(inputs)   # inputs: host tensors of a fixed-shape row (+ host ints); out: fn's tensor

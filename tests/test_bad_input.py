@@ -175,6 +175,8 @@ ERRORS = {  # case: (builder, substrings of the one error line)
     "label id beyond the list": (ids_beyond_the_label_list, ["'6' in row(s) 5"]),
     "empty or NaN texts": (empty_texts, ["train.xlsx: empty text_cn in 2 row(s): 4, 9; fill or delete those rows"]),
     "split emptied by --dedup": (empty_split_after_dedup, ["val.xlsx: no val rows left after --dedup"]),
+    "--cuda_graphs on without a GPU": (lambda f, fr: ({}, ("--cuda_graphs", "on")),
+                                       ["--cuda_graphs on needs a CUDA device, --packing on and varlen attention"]),
 }
 
 WARNINGS = {  # case: (builder, substrings that must be printed, banner line that must be printed)

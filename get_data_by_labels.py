@@ -42,9 +42,8 @@ import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from lft.common import UserError, redact, run_cli
+from lft.common import ArgumentParser, UserError, display_width, redact, run_cli
 from lft.labels import DEFAULT_LABELS, clean_label
 from lft.tables import EXCEL_MAX_ROWS, read_table, table_format, write_table
 
@@ -57,7 +56,7 @@ _ILLEGAL_XLSX = re.compile(r"[\000-\010\013\014\016-\037]")  # control character
 
 def parse_args(argv=None) -> argparse.Namespace:
     head, usage = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=head, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=head, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("connection")
     g.add_argument("--host", default=None, help="MongoDB host (default: localhost)")
     g.add_argument("--port", type=int, default=None, help="MongoDB port (default: 27017)")
@@ -460,15 +459,11 @@ def check_excel_cells(df, path) -> None:
                             f"store (first in row {bad[0] + 2}); write .csv, .jsonl or .parquet instead")
 
 
-def width(text: str) -> int:
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
-
-
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     table = [header] + rows
-    widths = [max(width(r[i]) for r in table) for i in range(len(header))]
+    widths = [max(display_width(r[i]) for r in table) for i in range(len(header))]
     for r in table:
-        print("  ".join(s + " " * (w - width(s)) if i == 0 else " " * (w - width(s)) + s
+        print("  ".join(s + " " * (w - display_width(s)) if i == 0 else " " * (w - display_width(s)) + s
                         for i, (s, w) in enumerate(zip(r, widths))))
 
 

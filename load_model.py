@@ -18,13 +18,13 @@ import torch
 
 import qwen3_classification_direct as qcd
 from lft import data as D
-from lft.common import UserError, run_cli
+from lft.common import ArgumentParser, UserError, run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="local Qwen3 folder (not needed for a merged model)")
     p.add_argument("--lora_model", default=None, help="adapter (best_model/) or merged folder to inspect")
     p.add_argument("--labels", default=None, help="label names for a fresh head (default: the six safety labels)")
@@ -53,14 +53,12 @@ def main(argv=None) -> int:
     meta = None
     if args.lora_model:
         model, _, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype)
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-        for n, p in model.named_parameters():
+        for n, p in model.named_parameters():  # what training trains: LoRA and the head
             p.requires_grad_("lora_" in n or n.startswith("score."))
     else:
         labels = D.parse_labels(args.labels)
         model, _ = qcd.build_classifier(args.checkpoint, labels, 0.0, args.pooling, dtype)
-    backbone = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
+    backbone = model.base_model
     cfg = backbone.config
     emb = backbone.get_input_embeddings().weight
     lines = [f"model folder                 {args.checkpoint or args.lora_model}",

@@ -127,13 +127,19 @@ def use_cuda_graphs(flag: str, device, packing: bool, attn: str) -> bool:
     return possible and flag != "off"
 
 
+def autocast(device, amp_dtype):
+    """Autocast to `amp_dtype` on `device` (off when None), for every forward of the toolkit. Its cache of cast
+    weights is off: a CUDA graph must not keep cached casts, and each weight is cast once per forward anyway."""
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                          cache_enabled=False)
+
+
 def compile_decoder_layers(model: "Qwen3Classifier") -> None:
     """torch.compile each decoder layer (dynamic shapes: packed rows vary in length). Fuses the RMSNorms,
     rotary embedding, SiLU gate and LoRA dropout/scale/add into a few kernels: on an H200 this doubled
     training and evaluation throughput at the default settings (bench/RESULTS.md)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    backbone = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
-    for layer in backbone.layers:
+    for layer in model.base_model.layers:
         layer.compile(dynamic=True)
 
 
@@ -148,6 +154,11 @@ class Qwen3Classifier(nn.Module):
         hidden = backbone.config.hidden_size
         self.score = nn.Linear(hidden, num_labels, bias=False, dtype=torch.float32)
         nn.init.xavier_uniform_(self.score.weight)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The plain transformers Qwen3Model, inside the LoRA wrapper if there is one."""
+        return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_len=None):
         """Logits (B, num_labels) in float32. use_cache=False: a KV cache is for generation, and with one
@@ -468,8 +479,7 @@ def predict_probs(model: Qwen3Classifier, input_ids: list[list[int]], batches: l
             chunks.append(runner(collate_packed_static(seqs, width, slots, max_len, pad_id))[:len(seqs)].clone())
         else:
             enc = to_device(collate_packed(seqs) if packing else collate_padded(seqs, pad_id), device)
-            with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 chunks.append(F.softmax(model(**enc), dim=-1))  # stays on the device: one transfer at the end
         order.extend(batch)
     model.train(was_training)
@@ -483,8 +493,7 @@ def _eval_graphs(model: Qwen3Classifier, device, amp_dtype):
 
     if getattr(model, "_eval_graphs", None) is None:
         def forward(s):
-            with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
-                                cache_enabled=False):  # a graph must not keep autocast's cached casts
+            with autocast(device, amp_dtype):
                 return F.softmax(model(s["input_ids"], position_ids=s["position_ids"], cu_seqlens=s["cu_seqlens"],
                                        max_len=s["max_len"]), dim=-1)
         model._eval_graphs = RowGraphs(forward, device)

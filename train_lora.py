@@ -176,7 +176,7 @@ def memory_probe(model, args, packing: bool, amp_dtype, pad_id: int, d: Dist) ->
     enc = D.to_device(D.collate_packed(seqs) if packing else D.collate_padded(seqs, pad_id), d.device)
     with explain_oom(f"one micro-batch of --batch_size {args.batch_size} x --max_length {args.max_length} "
                      "tokens does not fit: lower either (raise --gradient_accumulation_steps to keep the batch)"):
-        with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with qcd.autocast(d.device, amp_dtype):
             model(**enc).float().sum().backward()
         torch.cuda.synchronize(d.device)
     model.zero_grad(set_to_none=True)
@@ -235,8 +235,7 @@ def evaluate(model, split: D.Split, labels, args, d: Dist, packing: bool, amp_dt
 def micro_loss(forward, enc: dict, y, w, amp_dtype, device) -> torch.Tensor:
     """sum_k w_k * cross-entropy(text k), w_k = class weight / the step's weight sum (0 for the unused slots of a
     fixed-shape row), so a step's micro-batches add up to the mean over its texts."""
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
-                        cache_enabled=False):  # a CUDA graph must not keep autocast's cached casts
+    with qcd.autocast(device, amp_dtype):
         logits = forward(**enc)
     return (F.cross_entropy(logits, y, reduction="none") * w).sum()
 

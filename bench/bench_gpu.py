@@ -136,9 +136,9 @@ def record(name, kind, samples, tokens, seconds, peak, ceiling, note=""):
     return row
 
 
-def free(*objs):
-    for o in objs:
-        del o
+def free():
+    """Return freed GPU memory to the driver. Callers first `del` their own references: a name deleted in
+    here would leave the caller's alive."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -197,7 +197,8 @@ def ref_train(name, seqs, dtype, amp, batch, mode, ceiling, steps, warmup):
 
     sec, peak = timed(step, steps, warmup)
     row = record(name, "train", counts["samples"], counts["tokens"], sec, peak, ceiling)
-    free(model, opt)
+    del model, opt
+    free()
     return row
 
 
@@ -218,7 +219,8 @@ def ref_eval(name, seqs, dtype, amp, batch, mode, ceiling):
 
     sec, peak = timed(run, 1, 1)
     row = record(name, "eval", len(seqs), sum(map(len, seqs)), sec, peak, ceiling)
-    free(model)
+    del model
+    free()
     return row
 
 
@@ -253,7 +255,8 @@ def build_checkpoint_folder(folder: Path) -> Path:
             model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_1_7B)).to(torch.bfloat16)
         model.save_pretrained(folder, safe_serialization=True)
         write_qwen3_tokenizer(folder)
-        free(model)
+        del model
+        free()
     return folder
 
 
@@ -294,7 +297,8 @@ def ours_eval(name, seqs, ceiling, max_tokens, compile_layers=False, graphs=Fals
     sec, peak = timed(lambda _: qcd.predict_probs(model, seqs, batches, DEV, 151643, True, torch.bfloat16, graphs,
                                                   256), 1, 1)
     row = record(name, "eval", len(seqs), int(lens.sum()), sec, peak, ceiling, f"{max_tokens} tokens/row")
-    free(model)
+    del model
+    free()
     return row
 
 
@@ -339,7 +343,8 @@ def check_packed_equals_padded(seqs) -> float:
         padded = model(**D.to_device(D.collate_padded(sample, 151643), DEV))
     diff = (packed - padded).abs().max().item()
     scale = padded.abs().max().item()
-    free(model)
+    del model
+    free()
     return diff, scale
 
 

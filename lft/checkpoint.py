@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .common import UserError, atomic_dir, redact, write_json
+from .common import UserError, atomic_dir, atomic_path, redact, write_json
 from .dist import Dist, barrier, gather_objects, print0
 
 CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -285,8 +285,6 @@ def truncate_log(path: Path, step: int) -> None:
         with contextlib.suppress(ValueError):
             if json.loads(line).get("step", math.inf) <= step:
                 keep.append(line)
-    from .common import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
 

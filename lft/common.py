@@ -99,6 +99,13 @@ def redact(text: str) -> str:
     return _KEY_SECRETS.sub(lambda m: f"{m['key']}=***", text)
 
 
+def display_width(text: str) -> int:
+    """Columns `text` takes in a terminal: CJK (wide/full-width) characters take two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose error messages, which quote the offending argument, never show a password."""
 

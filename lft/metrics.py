@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .common import display_width
+
 
 def confusion(y_true, y_pred, num_labels: int) -> np.ndarray:
     from sklearn.metrics import confusion_matrix
@@ -38,22 +40,16 @@ def metrics_from_confusion(cm: np.ndarray, label_names) -> dict:
     return out
 
 
-def _width(s: str) -> int:
-    import unicodedata
-
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)
-
-
 def _cell(s, w: int, right: bool = True) -> str:
     s = str(s)
-    pad = " " * max(0, w - _width(s))
+    pad = " " * max(0, w - display_width(s))
     return pad + s if right else s + pad
 
 
 def format_report(m: dict) -> str:
     """Readable tables for the console (CJK-aware column widths)."""
     names = m["labels"]
-    w = max(10, *(_width(n) for n in names)) + 2
+    w = max(10, *(display_width(n) for n in names)) + 2
     lines = [f"n={m['n']}  accuracy={m['accuracy']:.4f}  macro-F1={m['macro_f1']:.4f}  "
              f"weighted-F1={m['weighted_f1']:.4f}", "",
              _cell("label", w, False) + "".join(_cell(h, 11) for h in ("precision", "recall", "f1", "support"))]

@@ -17,7 +17,7 @@ import sys
 import torch
 
 import qwen3_classification_direct as qcd
-from lft import data as D
+from lft import adapter, data as D
 from lft.common import ArgumentParser, UserError, run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     meta = None
     if args.lora_model:
-        model, _, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype)
+        model, _, meta = adapter.load_classifier(args.checkpoint, args.lora_model, dtype)
         for n, p in model.named_parameters():  # what training trains: LoRA and the head
             p.requires_grad_("lora_" in n or n.startswith("score."))
     else:

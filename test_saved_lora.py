@@ -8,6 +8,7 @@
 Prints accuracy, macro/weighted precision/recall/F1, per-class scores and the confusion matrix, and writes
 to --output_dir (default: <lora_model>/eval): test_results.json, confusion_matrix.png and predictions
 (text, gold, predicted, one probability column per label) as .xlsx (or --predictions_format).
+test_results.json is written first, so a problem with the other files never loses the results.
 """
 from __future__ import annotations
 
@@ -15,19 +16,21 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-import qwen3_classification_direct as qcd
-from lft import data as D
-from lft import checkpoint as C
+from lft import adapter, data as D, outdir
+from lft import runtime as R
 from lft.common import ArgumentParser, UserError, explain_oom, redact, run_cli, write_json
 from lft.dist import cleanup, gather_objects, print0, setup_distributed
 from lft.metrics import confusion, format_report, metrics_from_confusion, plot_confusion
+from lft.predict import Predictor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="base Qwen3 folder (not needed for a merged model)")
+    p.add_argument("--checkpoint", default=None, help="base Qwen3 folder (default: the base the adapter recorded; "
+                   "not needed for a merged model)")
     p.add_argument("--lora_model", required=True, help="adapter folder (best_model/) or merged folder")
     p.add_argument("--test_data", required=True, help="table with text and label columns")
     p.add_argument("--text_column", default="text_cn")
@@ -36,24 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, default=None, help="default: the adapter's training max_length")
     p.add_argument("--output_dir", default=None, help="default: <lora_model>/eval")
     p.add_argument("--predictions_format", choices=("xlsx", "csv", "jsonl", "parquet"), default="xlsx")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bf16 weights (default on a GPU)")
-    p.add_argument("--fp32", action="store_true")
-    p.add_argument("--packing", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--attn_implementation", default="auto", choices=("auto", "sdpa", "eager", "varlen"))
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the decoder layers (auto: on for CUDA)")
-    p.add_argument("--cuda_graphs", choices=("auto", "on", "off"), default="auto",
-                   help="replay each batch as a CUDA graph over fixed-shape packed rows (auto: on with CUDA + packing)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    R.add_runtime_args(p)
     args = p.parse_args(argv)
     problems = []
     if args.batch_size < 1:
         problems.append("--batch_size must be >= 1")
     if args.max_length is not None and args.max_length < 2:
         problems.append("--max_length must be >= 2")
-    if sum([args.fp16, args.bf16, args.fp32]) > 1:
-        problems.append("--fp16, --bf16 and --fp32 exclude each other")
+    R.check_runtime_args(args, problems)
     if not Path(args.test_data).is_file():
         problems.append(f"--test_data {args.test_data}: file not found")
     if not Path(args.lora_model).is_dir():
@@ -74,56 +68,62 @@ def main(argv=None) -> int:
 
 
 def run(args, d) -> int:
-    from lft.tables import write_table
-    import pandas as pd
+    import qwen3_classification_direct as qcd
 
-    dtype, amp, _, _ = qcd.choose_precision(args, d.device)
-    packing = qcd.on_for_cuda(args.packing, d.device)
-    attn = qcd.choose_attention(args.attn_implementation, packing, d.device)
-    graphs = qcd.use_cuda_graphs(args.cuda_graphs, d.device, packing, attn)
+    rt = R.resolve(args, d.device, d.world, training=False)
     out = Path(args.output_dir) if args.output_dir else Path(args.lora_model) / "eval"
     # cheap checks first: the adapter's label list against every data row, the output folder, the base weights
-    labels = qcd.read_classifier_config(args.lora_model)["labels"]
+    labels = adapter.read_classifier_config(args.lora_model)["labels"]
     split = D.load_split(args.test_data, labels, args.text_column, args.label_column,
                          labels_from=f"the adapter {Path(args.lora_model) / 'classifier_config.json'}")
-    C.check_output_dir(out, resuming=True)
-    model, tokenizer, meta = qcd.load_classifier(args.checkpoint, args.lora_model, dtype, attn)
+    outdir.check_output_dir(out, resuming=True)
+    model, tokenizer, meta = adapter.load_classifier(args.checkpoint, args.lora_model, rt.weight_dtype, rt.attn)
     model.to(d.device)
-    if qcd.on_for_cuda(args.compile, d.device):
+    if rt.compile:
         qcd.compile_decoder_layers(model)
     max_length = args.max_length or meta["max_length"]
-    D.tokenize_split(split, tokenizer, max_length, show=d.main)
+    D.tokenize_split(split, tokenizer, max_length, show=d.main and not args.no_progress)
     for line in split.notes:
         print0(f"warning: {line}")
-    print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {str(dtype)[6:]}); "
+    print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {rt.precision}); "
            f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 
-    batches = D.eval_batches(split.lengths, d.rank, d.world, max_tokens=args.batch_size * max_length, packed=graphs)
-    probs = qcd.predict_probs(model, split.input_ids, batches, d.device, tokenizer.pad_token_id, packing, amp,
-                              graphs, max_length)
+    predictor = Predictor(model, rt, tokenizer.pad_token_id, max_length)
+    probs = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world,
+                                                               max_tokens=args.batch_size * max_length))
     merged = {}
     for part in gather_objects(probs, d):  # every rank; each text was predicted by exactly one rank
         merged.update(part)
     if not d.main:
         return 0
-    order = sorted(merged)
-    P = torch.stack([merged[i] for i in order]).float().numpy()
+    P = torch.stack([merged[i] for i in sorted(merged)]).float().numpy()
+    if not np.isfinite(P).all():
+        raise UserError(f"--lora_model {args.lora_model}: the model gives non-finite probabilities; its weights or "
+                        "the base model hold NaN/inf values")
     pred = P.argmax(1)
     m = metrics_from_confusion(confusion(split.labels, pred, len(labels)), labels)
     print(format_report(m))
+    write_outputs(args, out, split, labels, P, pred, m, max_length)
+    return 0
+
+
+def write_outputs(args, out: Path, split, labels, P, pred, m: dict, max_length: int) -> None:
+    """test_results.json first (the numbers), then the PNG and the predictions table."""
+    import pandas as pd
+
+    from lft.tables import write_table
 
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "test_results.json", {"model": redact(args.lora_model), "test_data": redact(args.test_data),
+                                           "max_length": max_length, **m})
+    plot_confusion(m, out / "confusion_matrix.png")
     table = pd.DataFrame({"text": split.texts, "gold": [labels[i] for i in split.labels],
                           "predicted": [labels[i] for i in pred], "correct": pred == split.labels})
     for j, name in enumerate(labels):
         table[f"p_{name}"] = P[:, j].round(6)
     write_table(table, out / f"predictions.{args.predictions_format}")
-    plot_confusion(m, out / "confusion_matrix.png")
-    write_json(out / "test_results.json", {"model": redact(args.lora_model), "test_data": redact(args.test_data),
-                                           "max_length": max_length, **m})
     print(f"wrote {out / 'test_results.json'}, {out / 'confusion_matrix.png'}, "
           f"{out / ('predictions.' + args.predictions_format)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qwen3_classification_direct as qcd  # noqa: E402
 from lft import data as D  # noqa: E402
+from lft.predict import Predictor  # noqa: E402
+from lft.runtime import Runtime  # noqa: E402
 
 QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -293,9 +295,11 @@ def ours_eval(name, seqs, ceiling, max_tokens, compile_layers=False, graphs=Fals
     if compile_layers:
         qcd.compile_decoder_layers(model)
     lens = torch.tensor([len(s) for s in seqs]).numpy()
-    batches = D.eval_batches(lens, max_tokens=max_tokens, packed=graphs)
-    sec, peak = timed(lambda _: qcd.predict_probs(model, seqs, batches, DEV, 151643, True, torch.bfloat16, graphs,
-                                                  256), 1, 1)
+    rt = Runtime(device=DEV, weight_dtype=torch.bfloat16, amp_dtype=torch.bfloat16, use_scaler=False, precision="bf16",
+                 packing=True, attn=qcd.VARLEN, compile=compile_layers, eval_graphs=graphs, step_graphs=False)
+    predictor = Predictor(model, rt, 151643, 256)
+    batches = predictor.batches(lens, max_tokens=max_tokens)
+    sec, peak = timed(lambda _: predictor.probs(seqs, batches), 1, 1)
     row = record(name, "eval", len(seqs), int(lens.sum()), sec, peak, ceiling, f"{max_tokens} tokens/row")
     del model
     free()

@@ -1,12 +1,21 @@
-"""Shared non-model code of the LLM_Fine_Tuning toolkit.
+"""Shared non-model code of the LLM_Fine_Tuning toolkit, one concern per module (the model itself is
+qwen3_classification_direct.py at the top level; the library never imports a script).
 
-One concern per module:
-  common  - user errors, the CLI wrapper, atomic writes, secret redaction
-  tables  - reading and writing .xlsx/.csv/.jsonl/.parquet tables
-  data    - label set, loading/validating a split, tokenising, batching (padded and packed)
-  metrics - confusion matrix -> every reported metric (through scikit-learn)
-  dist    - torchrun/DDP set-up and the few collectives the scripts need
-  checkpoint - training checkpoints (atomic, sealed with sha256, verified on resume), the output folder's
-            checks, and the SIGTERM/Ctrl-C stop request
-  demo    - the embedded demo: a tiny local Qwen3 checkpoint and a synthetic data set
+  common      user errors, the CLI wrapper, atomic writes, secret redaction, OOM hints
+  labels      the label set and label normalisation (no torch: the exporter starts fast)
+  tables      reading and writing .xlsx/.csv/.jsonl/.parquet tables
+  data        loading/validating a split, tokenising, batching and collation (padded, packed, fixed-shape)
+  runtime     device, dtypes, packing, attention, compile, CUDA graphs: one frozen Runtime from shared flags
+  base        the base model folder: completeness checks and identity
+  adapter     the adapter folder on disk: save, load, verify, merged export, fingerprint
+  predict     inference (Predictor: the one path used by evaluation, prediction and serving) and the
+              Classifier API
+  train_step  the training micro-step (eager or CUDA graph), the loss, the optimizer step, lagged flags
+  cuda_graphs CUDA graphs over fixed-shape packed rows
+  checkpoint  training checkpoints: atomic, sealed with sha256, verified and checked on resume
+  outdir      the output folder's health: writable, free space, leftovers of killed writes, metrics log
+  signals     SIGTERM/Ctrl-C as a stop request the loop acts on
+  metrics     confusion matrix -> every reported metric, tables, PNG
+  dist        torchrun/DDP set-up and the few collectives the scripts need
+  demo        the embedded demo: a tiny local Qwen3 checkpoint, synthetic data, the scripts run end to end
 """

@@ -124,3 +124,8 @@ def explain_oom(fix: str):
     except torch.OutOfMemoryError as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"out of GPU memory ({first}); {fix}") from None
+
+
+def safe_args(args) -> dict:
+    """The run's arguments as recorded in args.json and every adapter: strings with any password removed."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in vars(args).items()}

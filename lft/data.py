@@ -340,7 +340,13 @@ def collate_packed_static(seqs: list[list[int]], width: int, slots: int, max_len
     return {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "max_len": max_len}
 
 
-def static_shape(n_texts: int, n_tokens: int, max_len: int, step: int = 128) -> tuple[int, int]:
+# fixed-shape row widths: training rows (one micro-batch each) in steps of 128 tokens (~2% padding at the
+# training defaults); evaluation rows are filled up to a real-token budget, so steps of 512 make nearly all of
+# them one shape (one CUDA graph)
+TRAIN_ROW_STEP, EVAL_ROW_STEP = 128, 512
+
+
+def static_shape(n_texts: int, n_tokens: int, max_len: int, step: int = TRAIN_ROW_STEP) -> tuple[int, int]:
     """(width, slots) of the fixed-shape row that holds n_texts texts of n_tokens tokens: the width rounds up to
     a multiple of `step` (~2% padding at the training defaults), the slots to a power of two >= 64."""
     width = max(step, -(-n_tokens // step) * step)

@@ -213,11 +213,23 @@ def write_demo_data(folder, per_label: int = 60, seed: int = 0) -> dict[str, Pat
     return paths
 
 
+def _script(name: str, argv: list[str]) -> int:
+    """Run one of the toolkit's scripts as a user would (a child process; the library never imports a script).
+    One thread per process unless the user set OMP_NUM_THREADS: the tiny model gains nothing from more, and on
+    a busy 2-core machine extra threads only contend."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / name
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run([sys.executable, str(script), *argv], env=env).returncode
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Run the toolkit end to end on the embedded demo (CPU, no downloads).")
     p.add_argument("--workdir", default="demo_run", help="where the tiny checkpoint, data and outputs go")
     p.add_argument("--build-only", action="store_true", help="only write the tiny checkpoint and the data")
     p.add_argument("--num_epochs", type=int, default=6)
+    p.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
     args = p.parse_args(argv)
 
     t0 = time.time()
@@ -227,29 +239,25 @@ def main(argv=None) -> int:
     print(f"demo: tiny Qwen3 checkpoint at {ckpt}, synthetic data in {work / 'data'}")
     if args.build_only:
         return 0
-    repo = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(repo))
-    import test_saved_lora
-    import train_lora
-
     out = work / "lora_model"
     shutil.rmtree(out, ignore_errors=True)  # each demo run trains afresh (train_lora refuses to mix two runs)
-    rc = train_lora.main([
+    quiet = ["--no_progress"] if args.no_progress else []
+    rc = _script("train_lora.py", [
         "--checkpoint", str(ckpt), "--train_data", str(data["train"]), "--val_data", str(data["val"]),
         "--test_data", str(data["test"]), "--output_dir", str(out), "--num_epochs", str(args.num_epochs),
         "--batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
         "--max_length", "64", "--eval_steps", "30", "--logging_steps", "10", "--warmup_ratio", "0.05",
-        "--lora_r", "16", "--lora_alpha", "32",
-    ])
+        "--lora_r", "16", "--lora_alpha", "32", *quiet])
     if rc:
         return rc
-    rc = test_saved_lora.main([
+    rc = _script("test_saved_lora.py", [
         "--checkpoint", str(ckpt), "--lora_model", str(out / "best_model"), "--test_data", str(data["test"]),
-        "--batch_size", "32", "--max_length", "64", "--output_dir", str(work / "eval"),
-    ])
+        "--batch_size", "32", "--max_length", "64", "--output_dir", str(work / "eval"), *quiet])
+    if rc:
+        return rc
     print(f"demo: finished in {time.time() - t0:.1f} s; adapter in {out / 'best_model'}, "
           f"results in {out / 'test_results.json'} and {work / 'eval'}")
-    return rc
+    return 0
 
 
 if __name__ == "__main__":

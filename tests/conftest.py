@@ -33,3 +33,7 @@ def demo_data(tmp_path_factory) -> dict:
 def subprocess_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     return env
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; run on the GPU machine)")

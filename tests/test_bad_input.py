@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qwen3_classification_direct as qcd
+from lft import adapter, base
 import test_saved_lora
 import train_lora
 from conftest import REPO, subprocess_env
@@ -279,15 +280,15 @@ def test_cli_exit_2_with_one_line(tiny_ckpt, demo_data, frames, tmp_path):
 
 def test_eval_data_with_labels_the_adapter_lacks(tiny_ckpt, demo_data, tmp_path, capsys):
     model, identity = qcd.build_classifier(tiny_ckpt, ("neg", "pos"), lora=dict(r=4, alpha=8, dropout=0.0))
-    adapter = tmp_path / "adapter"
-    qcd.save_adapter(model, adapter, {"labels": ["neg", "pos"], "max_length": 64, "base": identity, "args": {}})
-    rc = run_cli(test_saved_lora.main, ["--checkpoint", str(tiny_ckpt), "--lora_model", str(adapter),
+    folder = tmp_path / "adapter"
+    adapter.save_adapter(model, folder, {"labels": ["neg", "pos"], "max_length": 64, "base": identity, "args": {}})
+    rc = run_cli(test_saved_lora.main, ["--checkpoint", str(tiny_ckpt), "--lora_model", str(folder),
                                         "--test_data", str(demo_data["test"]), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1
     assert "test.xlsx: unknown extracted_label value(s): '" in err and "'违法违规' in row(s) " in err
-    assert f"Known (from the adapter {adapter / 'classifier_config.json'}): 0=neg, 1=pos" in err
-    assert not (adapter / "eval").exists()
+    assert f"Known (from the adapter {folder / 'classifier_config.json'}): 0=neg, 1=pos" in err
+    assert not (folder / "eval").exists()
 
 
 # --- property: the loader against independently stated rules ------------------------------------------------

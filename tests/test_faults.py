@@ -24,6 +24,7 @@ import qwen3_classification_direct as qcd
 import train_lora
 from conftest import REPO, subprocess_env
 from lft import checkpoint as C
+from lft.signals import StopRequest
 from lft import data as D
 from lft.common import UserError, run_cli
 from test_train import base_args, read_log
@@ -189,7 +190,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_exits_130(tiny_ckpt, demo_data,
 
 
 def test_second_ctrl_c_interrupts_at_once():
-    stop = C.StopRequest()
+    stop = StopRequest()
     stop.listen()
     try:
         os.kill(os.getpid(), signal.SIGINT)

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, Qwen3ForSequenceClassification
 
 import qwen3_classification_direct as qcd
+from lft import adapter, base
 from lft.common import UserError
 from lft.data import DEFAULT_LABELS, collate_packed, collate_packed_static, collate_padded, static_shape
 
@@ -39,7 +40,6 @@ def test_no_lm_head_and_head_shape(model_and_tok):
     names = [n for n, _ in model.named_parameters()]
     assert not any("lm_head" in n for n in names)
     assert model.score.weight.shape == (6, 64) and model.score.bias is None
-    assert model.score.weight.data_ptr() != model.backbone.get_input_embeddings().weight.data_ptr()
 
 
 def test_last_token_pooling_left_equals_right_padding(model_and_tok):
@@ -70,7 +70,7 @@ def test_packed_equals_padded(tiny_ckpt, pooling):
 def test_fixed_shape_row_equals_packed_row_logits_loss_and_gradients(tiny_ckpt, pooling):
     """What a CUDA graph replays (a row padded to a fixed width, unused slots, per-text loss weights) gives the
     logits, loss and LoRA gradients of the exact packed row: padding and empty slots leak into nothing."""
-    from train_lora import micro_loss
+    from lft.train_step import micro_loss
 
     torch.manual_seed(3)
     model, _ = qcd.build_classifier(tiny_ckpt, DEFAULT_LABELS, dropout=0.0, pooling=pooling,
@@ -126,20 +126,20 @@ def test_matches_transformers_sequence_classification(tiny_ckpt):
 
 def test_adapter_round_trip_identical_logits(model_and_tok, tiny_ckpt, tmp_path):
     model, tok = model_and_tok
-    from qwen3_classification_direct import base_identity
+    from lft.base import identity as base_identity
     meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {}, "metrics": None,
             "base": base_identity(tiny_ckpt, model.backbone.get_base_model())}
-    qcd.save_adapter(model, tmp_path / "adapter", meta)
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(qcd.ADAPTER_FILES)
-    loaded, _, meta2 = qcd.load_classifier(tiny_ckpt, tmp_path / "adapter")
+    adapter.save_adapter(model, tmp_path / "adapter", meta)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(adapter.ADAPTER_FILES)
+    loaded, _, meta2 = adapter.load_classifier(tiny_ckpt, tmp_path / "adapter")
     assert meta2["labels"] == list(DEFAULT_LABELS)
     enc = collate_padded(encode(tok), tok.pad_token_id)
     with torch.no_grad():
         assert torch.equal(model(**enc), loaded(**enc))
 
     # merged export: same logits through our loader and through plain transformers
-    qcd.export_merged(loaded, tok, tmp_path / "merged", meta2, dtype=torch.float32)
-    merged, _, _ = qcd.load_classifier(None, tmp_path / "merged")
+    adapter.export_merged(loaded, tok, tmp_path / "merged", meta2, dtype=torch.float32)
+    merged, _, _ = adapter.load_classifier(None, tmp_path / "merged")
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert hf.config.id2label[3] == "政治安全" and hf.config.pad_token_id == tok.pad_token_id
     with torch.no_grad():
@@ -150,36 +150,36 @@ def test_adapter_round_trip_identical_logits(model_and_tok, tiny_ckpt, tmp_path)
 
 def test_adapter_refuses_other_base(model_and_tok, tiny_ckpt, tmp_path):
     from lft.demo import build_tiny_qwen3
-    from qwen3_classification_direct import base_identity
+    from lft.base import identity as base_identity
 
     model, _ = model_and_tok
     meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {}, "metrics": None,
             "base": base_identity(tiny_ckpt, model.backbone.get_base_model())}
-    qcd.save_adapter(model, tmp_path / "adapter", meta)
+    adapter.save_adapter(model, tmp_path / "adapter", meta)
     other = build_tiny_qwen3(tmp_path / "other", seed=7)
     with pytest.raises(UserError, match="weights differ"):
-        qcd.load_classifier(other, tmp_path / "adapter")
+        adapter.load_classifier(other, tmp_path / "adapter")
     wider = build_tiny_qwen3(tmp_path / "wider", hidden=32)
     with pytest.raises(UserError, match="architecture differs"):
-        qcd.load_classifier(wider, tmp_path / "adapter")
+        adapter.load_classifier(wider, tmp_path / "adapter")
 
 
 def test_checkpoint_checks(tmp_path, tiny_ckpt):
     with pytest.raises(UserError, match="not a folder"):
-        qcd.check_checkpoint(tmp_path / "nope")
+        base.check_folder(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
-        qcd.check_checkpoint(tmp_path / "empty")
+        base.check_folder(tmp_path / "empty")
     bad = tmp_path / "pickled"
     bad.mkdir()
     (bad / "config.json").write_text((tiny_ckpt / "config.json").read_text())
     (bad / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="only safetensors"):
-        qcd.check_checkpoint(bad)
+        base.check_folder(bad)
     idx = tmp_path / "sharded"
     idx.mkdir()
     (idx / "config.json").write_text((tiny_ckpt / "config.json").read_text())
     (idx / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(UserError, match="incomplete download"):
-        qcd.check_checkpoint(idx)
+        base.check_folder(idx)

@@ -80,3 +80,18 @@ def test_evaluation_cli_outputs(tiny_ckpt, demo_data, tmp_path):
                                  str(demo_data["test"]), "--output_dir", str(ev2)]) == 0
     b = json.loads((ev2 / "test_results.json").read_text())
     assert b["confusion_matrix"] == a["confusion_matrix"]
+    # 2 gloo processes: each predicts its shard, the confusion matrices are all-reduced: every text once
+    ev3 = tmp_path / "eval_ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "test_saved_lora.py"), "--checkpoint", str(tiny_ckpt), "--lora_model", str(out / "best_model"),
+           "--test_data", str(demo_data["train"]), "--output_dir", str(ev3), "--predictions_format", "csv",
+           "--device", "cpu"]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert test_saved_lora.main(["--checkpoint", str(tiny_ckpt), "--lora_model", str(out / "best_model"),
+                                 "--test_data", str(demo_data["train"]), "--output_dir", str(tmp_path / "eval_one"),
+                                 "--predictions_format", "csv"]) == 0
+    one, two = (json.loads((d / "test_results.json").read_text()) for d in (tmp_path / "eval_one", ev3))
+    assert two["n"] == one["n"] == 216 and two["confusion_matrix"] == one["confusion_matrix"]
+    p1, p2 = pd.read_csv(tmp_path / "eval_one" / "predictions.csv"), pd.read_csv(ev3 / "predictions.csv")
+    assert (p1["predicted"] == p2["predicted"]).all()

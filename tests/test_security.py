@@ -22,9 +22,6 @@ from lft.common import UserError, redact, run_cli
 from lft.data import DEFAULT_LABELS
 from test_train import base_args
 
-PRODUCT = [REPO / "train_lora.py", REPO / "test_saved_lora.py", REPO / "load_model.py",
-           REPO / "qwen3_classification_direct.py", *sorted((REPO / "lft").glob("*.py"))]
-
 
 class Exploit:
     """Unpickling this calls open(marker, "w"): proof that code ran."""
@@ -75,8 +72,6 @@ def test_remote_code_in_a_checkpoint_never_runs(tiny_ckpt, demo_data, tmp_path):
     (ckpt / "tokenizer_config.json").write_text(json.dumps(tok_config))
     assert train_lora.main(base_args(ckpt, demo_data, tmp_path / "run", "--num_epochs", "1", "--batch_size", "32")) == 0
     assert not marker.exists()
-    for f in PRODUCT:  # and no code path turns it on
-        assert "trust_remote_code=True" not in f.read_text(encoding="utf-8"), f
 
 
 def _reseal(folder: Path) -> None:

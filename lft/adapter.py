@@ -1,0 +1,258 @@
+"""The adapter on disk: save, load and verify an adapter folder; the merged export. Save and load side by side.
+
+Adapter folder (best_model/, and the weights part of checkpoint-*/):
+  adapter_model.safetensors, adapter_config.json   LoRA weights and config (peft's format)
+  head.safetensors                                 score.weight
+  classifier_config.json                           labels, pooling, max_length, base-model identity,
+                                                   the arguments that trained it and the metrics it was chosen by
+Merged folder (best_model_merged/): a plain transformers Qwen3ForSequenceClassification (config with
+id2label/label2id and pad_token_id, safetensors, tokenizer) plus the same classifier_config.json.
+
+Loading checks what it can: the format tag, every file present, every LoRA tensor the config implies present
+with its shape, nothing extra, all values finite, lora_alpha/r as recorded, and the base's identity.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import qwen3_classification_direct as qcd
+
+from . import base
+from .common import UserError, atomic_dir, write_json
+
+FORMAT = "lft-qwen3-classifier/1"
+WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "head.safetensors", "classifier_config.json")
+MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def save_adapter(model: qcd.Qwen3Classifier, folder, meta: dict) -> None:
+    """Write an adapter folder atomically. `meta` must hold labels, base, args. A non-finite weight is
+    refused: a NaN adapter must never be kept as a model."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    peft_model = model.backbone
+    state = {k: v.detach().to("cpu", torch.float32).contiguous()
+             for k, v in get_peft_model_state_dict(peft_model).items()}
+    head = {"score.weight": model.score.weight.detach().to("cpu", torch.float32).contiguous()}
+    bad = [k for k, v in {**state, **head}.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"refusing to save {Path(folder).name}: non-finite values in {', '.join(bad[:3])}; "
+                        "lower --learning_rate")
+    with atomic_dir(folder) as tmp:
+        save_file(state, str(tmp / "adapter_model.safetensors"))
+        peft_model.peft_config["default"].save_pretrained(str(tmp))
+        save_file(head, str(tmp / "head.safetensors"))
+        write_json(tmp / "classifier_config.json", {"format": FORMAT, "pooling": model.pooling,
+                                                    "dropout": model.dropout.p, **meta})
+
+
+def read_classifier_config(folder, flag: str = "--lora_model") -> dict:
+    folder = Path(folder)
+    path = folder / "classifier_config.json"
+    if not path.is_file():
+        raise UserError(f"{flag} {folder}: not an adapter or merged folder from this toolkit "
+                        "(no classifier_config.json)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({str(e)[:100]}); the adapter is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"{path}: unknown format {got!r} (expected {FORMAT})")
+    labels = meta.get("labels")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) and x for x in labels)
+            and meta.get("pooling") in ("last", "mean") and isinstance(meta.get("max_length"), int)):
+        raise UserError(f"{path}: labels, pooling or max_length missing or malformed; the adapter is damaged")
+    return meta
+
+
+def is_merged(folder) -> bool:
+    return (Path(folder) / "config.json").is_file() and not (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation="sdpa"):
+    """(model, tokenizer, meta) from an adapter folder on top of `checkpoint` (None: the base path the adapter
+    recorded), or from a merged folder. Refuses an adapter whose recorded base differs from the base loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--lora_model {folder}: not a folder")
+    meta = read_classifier_config(folder)
+    if is_merged(folder):
+        checkpoint = base.check_folder(folder, flag="--lora_model")
+        backbone = qcd.load_backbone(folder, dtype, attn_implementation, prefix="model.")
+        head = _merged_head(folder)
+    else:
+        missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+        if missing:
+            raise UserError(f"--lora_model {folder}: incomplete adapter, missing {', '.join(missing)}")
+        if checkpoint is None:
+            recorded = meta.get("base", {}).get("path")
+            if not recorded or "***" in recorded or not Path(recorded).is_dir():
+                raise UserError(f"--lora_model {folder} is an adapter and the base it recorded ({recorded}) is "
+                                "not here: pass --checkpoint (its base model)")
+            checkpoint = recorded
+        checkpoint = base.check_folder(checkpoint)
+        backbone = qcd.load_backbone(checkpoint, dtype, attn_implementation)
+        base.check_same_base(meta["base"], base.identity(checkpoint, backbone), folder)
+        head = None
+    tokenizer = qcd.load_tokenizer(checkpoint)
+    model = qcd.Qwen3Classifier(backbone, len(meta["labels"]), meta.get("dropout", 0.0), meta["pooling"])
+    if head is not None:
+        _copy_head(model, head, folder / "model.safetensors")
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        config = _lora_config(folder, meta, LoraConfig)
+        model.backbone = get_peft_model(model.backbone, config, autocast_adapter_dtype=True)
+        load_adapter_weights(model, folder)
+    return model.eval(), tokenizer, meta
+
+
+def _lora_config(folder: Path, meta: dict, LoraConfig):
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError, OSError) as e:
+        raise UserError(f"{folder / 'adapter_config.json'}: not a LoRA config ({str(e).splitlines()[0][:120]})"
+                        ) from None
+    args = meta.get("args") or {}
+    recorded = {"r": args.get("lora_r"), "lora_alpha": args.get("lora_alpha")}
+    changed = [f"{k} {getattr(config, k)} (trained with {v})" for k, v in recorded.items()
+               if v is not None and getattr(config, k) != v]
+    if changed:
+        raise UserError(f"{folder / 'adapter_config.json'}: {', '.join(changed)}; the file was edited after "
+                        "training and the adapter would compute something else")
+    return config
+
+
+def load_adapter_weights(model: qcd.Qwen3Classifier, folder) -> None:
+    """An adapter folder's LoRA and head weights into a model that already has its LoRA layout (a fresh load
+    above, or a run resuming from checkpoint-<step>/). Every LoRA tensor of the layout must be in the file,
+    with its shape, and nothing else; every value finite."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    folder = Path(folder)
+    state = _load_safetensors(folder / "adapter_model.safetensors")
+    expected = get_peft_model_state_dict(model.backbone)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"missing {len(missing)} tensor(s), e.g. {missing[:2]}" if missing else f"unexpected {extra[:3]}"
+        raise UserError(f"{folder}/adapter_model.safetensors: {what}; it does not belong to this LoRA config")
+    shapes = [k for k, v in state.items() if v.shape != expected[k].shape]
+    if shapes:
+        k = shapes[0]
+        raise UserError(f"{folder}/adapter_model.safetensors: {k} has shape {tuple(state[k].shape)}, the config "
+                        f"implies {tuple(expected[k].shape)}")
+    _check_finite(state, folder / "adapter_model.safetensors")
+    set_peft_model_state_dict(model.backbone, state)
+    _copy_head(model, _load_safetensors(folder / "head.safetensors"), folder / "head.safetensors")
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if problem := base.safetensors_problem(path):
+        raise UserError(f"{path}: {problem}; the adapter is damaged")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for malformed headers/data
+        raise UserError(f"{path}: cannot read ({str(e).splitlines()[0][:120]}); the adapter is damaged") from None
+
+
+def _check_finite(state: dict, path: Path) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{path}: non-finite values in {', '.join(bad[:3])}; the model is unusable")
+
+
+def _copy_head(model: qcd.Qwen3Classifier, state: dict, path: Path) -> None:
+    w = state.get("score.weight")
+    if w is None or w.shape != model.score.weight.shape:
+        got = "none" if w is None else tuple(w.shape)
+        raise UserError(f"{path}: score.weight has shape {got}, expected {tuple(model.score.weight.shape)} "
+                        "(one row per label)")
+    _check_finite({"score.weight": w}, path)
+    model.score.weight.data.copy_(w.to(torch.float32))
+
+
+def _merged_head(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            if "score.weight" in st.keys():
+                return {"score.weight": st.get_tensor("score.weight")}
+    raise UserError(f"--lora_model {folder}: merged model has no score.weight")
+
+
+def fingerprint(folder) -> str:
+    """16 hex digits naming a saved model: the sha256 of its classifier_config.json and weights (for a merged
+    folder, the safetensors headers plus every 64th MiB, so naming a 4 GB model stays fast). Predictions record
+    it, so a MongoDB write-back knows which documents this very model already labelled."""
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = [folder / "classifier_config.json"]
+    files += [folder / f for f in WEIGHT_FILES] if not is_merged(folder) else sorted(folder.glob("*.safetensors"))
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            if path.suffix != ".safetensors" or not is_merged(folder):
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                continue
+            size = path.stat().st_size
+            for offset in range(0, size, 64 << 20):
+                f.seek(offset)
+                h.update(f.read(1 << 20))
+            h.update(str(size).encode())
+    return h.hexdigest()[:16]
+
+
+def base_dtype(checkpoint) -> torch.dtype:
+    """The dtype a base checkpoint's config declares (what --merge_dtype auto writes); float32 if none."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def export_merged(model: qcd.Qwen3Classifier, tokenizer, folder, meta: dict, dtype=torch.bfloat16) -> None:
+    """Fold LoRA into the base weights and save a plain transformers `Qwen3ForSequenceClassification` folder
+    (config with id2label/label2id and pad_token_id) plus our classifier_config.json. The fold is done in
+    float32; `dtype` is what the files hold."""
+    import copy
+
+    from transformers import Qwen3ForSequenceClassification
+
+    if model.pooling != "last":
+        raise UserError("--merge: transformers' Qwen3ForSequenceClassification pools the last token; an adapter "
+                        "trained with --pooling mean cannot be exported that way (use predict.py with the adapter)")
+    backbone = copy.deepcopy(model.backbone).to("cpu", torch.float32)
+    if hasattr(backbone, "merge_and_unload"):
+        backbone = backbone.merge_and_unload()
+    config = copy.deepcopy(backbone.config)
+    labels = meta["labels"]
+    config.architectures = ["Qwen3ForSequenceClassification"]
+    config.num_labels = len(labels)
+    config.id2label = {i: n for i, n in enumerate(labels)}
+    config.label2id = {n: i for i, n in enumerate(labels)}
+    config.pad_token_id = tokenizer.pad_token_id
+    config.tie_word_embeddings = False
+    hf = Qwen3ForSequenceClassification(config)
+    hf.model.load_state_dict(backbone.state_dict())
+    hf.score.weight.data.copy_(model.score.weight.detach().float())
+    hf = hf.to(dtype)
+    with atomic_dir(folder) as tmp:
+        hf.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / "classifier_config.json", {**meta, "format": FORMAT, "pooling": "last", "dropout": 0.0,
+                                                    "merged": True, "merged_dtype": str(dtype).split(".")[-1]})

@@ -1,0 +1,118 @@
+"""The base model folder: is it a complete local Qwen3 checkpoint, and which one is it (identity).
+
+`check_folder` runs before anything heavy is imported or loaded (it reads only JSON and safetensors headers).
+`identity` is what an adapter records about the base it was trained on; `check_same_base` refuses to put an
+adapter on any other base.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .common import UserError, redact
+
+
+def _json(path: Path, flag: str, folder: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {folder}: {path.name} is not valid JSON ({str(e).splitlines()[0][:120]}); "
+                        "download the model again") from None
+
+
+def check_folder(path, flag: str = "--checkpoint") -> Path:
+    """Fail early, with one line naming `flag`, if `path` is not a complete local Qwen3 folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{flag} {path}: not a folder (give the local folder of a Qwen3 model)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{flag} {path}: no config.json; is this a Hugging Face model folder?")
+    config = _json(path / "config.json", flag, path)
+    if not isinstance(config, dict):
+        raise UserError(f"{flag} {path}: config.json holds a {type(config).__name__}, not an object")
+    if config.get("model_type") != "qwen3":
+        raise UserError(f"{flag} {path}: model_type is {config.get('model_type')!r}, expected 'qwen3'")
+    weights = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _json(index, flag, path)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{flag} {path}: model.safetensors.index.json has no valid weight_map")
+        bad = sorted(v for v in set(weight_map.values()) if Path(v).name != v)
+        if bad:
+            raise UserError(f"{flag} {path}: model.safetensors.index.json names files outside the folder: {bad[:3]}")
+        missing = sorted(n for n in set(weight_map.values()) if not (path / n).is_file())
+        if missing:
+            raise UserError(f"{flag} {path}: incomplete download, missing {', '.join(missing)}")
+    elif not weights:
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        why = f" (found pickle files {', '.join(pickled)}; only safetensors are loaded)" if pickled else ""
+        raise UserError(f"{flag} {path}: no *.safetensors weights{why}")
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
+        raise UserError(f"{flag} {path}: no tokenizer files (tokenizer.json)")
+    if (path / "tokenizer.json").is_file():
+        _json(path / "tokenizer.json", flag, path)
+    for f in weights:
+        if problem := safetensors_problem(f):
+            raise UserError(f"{flag} {path}: {problem}; download the model again")
+    return path
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None if `path` is a whole safetensors file (its header parses and its size is exactly what the header
+    describes), else what is wrong: catches a download cut short before loading gigabytes."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        expected = 8 + n + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{path.name} is not a safetensors file (damaged header)"
+    if size != expected:
+        return f"{path.name} has {size} bytes, its header describes {expected} (incomplete download?)"
+    return None
+
+
+ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "vocab_size")
+
+
+def identity(checkpoint, backbone) -> dict:
+    """What an adapter records about its base: architecture fields, and a checksum of a few weights that
+    tells two checkpoints of the same shape apart (tolerant to the dtype they were loaded in)."""
+    cfg = backbone.config
+    arch = {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    with torch.no_grad():
+        # a fixed sample of embedding rows and of the last layer's MLP, projected on a fixed +-1 pattern: two
+        # random inits differ by ~the norm, while bf16-vs-fp32 rounding moves it by ~0.4% of the norm
+        emb = backbone.get_input_embeddings().weight
+        down = backbone.layers[-1].mlp.down_proj.weight
+        sample = torch.cat([emb[torch.linspace(0, emb.shape[0] - 1, 256).long()].flatten(),
+                            down[torch.linspace(0, down.shape[0] - 1, 16).long()].flatten()]).double().cpu()
+        signs = torch.randint(0, 2, sample.shape, generator=torch.Generator().manual_seed(0)).double() * 2 - 1
+        checksum = {"signed_sum": float(sample @ signs), "norm": float(sample.norm())}
+    return {"path": redact(str(checkpoint)), "name": Path(str(checkpoint)).name, "architecture": arch,
+            "architecture_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
+            "weights_checksum": checksum}
+
+
+def check_same_base(recorded: dict, actual: dict, adapter) -> None:
+    """Refuse an adapter (or checkpoint) recorded on another base than the one loaded."""
+    if recorded["architecture"] != actual["architecture"]:
+        diff = {k: (recorded["architecture"].get(k), v) for k, v in actual["architecture"].items()
+                if recorded["architecture"].get(k) != v}
+        raise UserError(f"{adapter}: trained on a different base model ({recorded['name']}); "
+                        f"architecture differs (adapter vs --checkpoint): {diff}")
+    a, b = recorded["weights_checksum"], actual["weights_checksum"]
+    if abs(a["signed_sum"] - b["signed_sum"]) > 0.03 * a["norm"] or abs(a["norm"] - b["norm"]) > 0.01 * a["norm"]:
+        raise UserError(f"{adapter}: trained on base {recorded['name']} whose weights differ from --checkpoint "
+                        f"{actual['path']} (checksum {a['signed_sum']:.4f} vs {b['signed_sum']:.4f}); "
+                        "pass the base it was trained on")

@@ -1,0 +1,217 @@
+"""Inference: the one path from token ids to class probabilities, and the Python API that labels new texts.
+
+Training's evaluation, test_saved_lora.py, predict.py and serve.py all go through `Predictor`:
+
+    pred = Predictor(model, runtime, pad_id, max_length)
+    probs = pred.probs(input_ids, batches)   # {text index: probabilities (num_labels,)} on the CPU
+
+Batches are lists of indices (lft.data.eval_batches). With packing, each batch is one row of texts back to back;
+with CUDA graphs the row is laid out in a fixed shape (lft.data.collate_packed_static) and replayed; the graphs
+are captured on first use of a shape and kept with the Predictor.
+
+The API for users:
+
+    from lft.predict import Classifier
+    clf = Classifier.load("lora_model/best_model")                 # base: the path the adapter recorded
+    clf = Classifier.load("best_model", checkpoint="/models/Qwen3-1.7B", device="cuda", precision="bf16")
+    clf.predict(["text one", "text two"])   # [Prediction(label='正常', label_id=0, score=0.97, probs={...}), ...]
+    clf.predict_proba(texts)                # numpy (n, num_labels)
+    clf.labels                              # ['正常', '歧视', ...]
+
+Thresholds (`parse_thresholds("暴恐:0.3,色情低俗:0.5")`): a text whose probability for a listed label reaches
+its threshold gets that label (the highest probability among such labels), else the argmax.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from .common import UserError
+from .runtime import Runtime, autocast
+
+
+class Predictor:
+    """Probabilities of a model's texts, by the runtime's path (eager padded, eager packed, or CUDA graphs)."""
+
+    def __init__(self, model, runtime: Runtime, pad_id: int, max_length: int):
+        self.model, self.rt, self.pad_id, self.max_length = model, runtime, pad_id, max_length
+        self._graphs = None  # lft.cuda_graphs.RowGraphs, made on first use
+
+    def batches(self, lengths: np.ndarray, rank: int = 0, world: int = 1, max_tokens: int | None = None):
+        """Evaluation batches of this rank: each text once over all ranks, rows bounded by `max_tokens`."""
+        return D.eval_batches(lengths, rank, world, max_tokens=max_tokens or 32 * self.max_length,
+                              packed=self.rt.eval_graphs)
+
+    @torch.inference_mode()
+    def probs(self, input_ids: list[list[int]], batches: list[list[int]]) -> dict[int, torch.Tensor]:
+        """{index: float32 probabilities} for the texts in `batches`, on the CPU."""
+        was_training = self.model.training
+        self.model.eval()
+        order, chunks = [], []
+        for batch in batches:
+            seqs = [input_ids[i] for i in batch]
+            chunks.append(self._row(seqs))
+            order.extend(batch)
+        self.model.train(was_training)
+        out = torch.cat(chunks).float().cpu() if chunks else torch.empty(0)  # one transfer at the end
+        return dict(zip(order, out))
+
+    def _row(self, seqs: list[list[int]]) -> torch.Tensor:
+        if self.rt.eval_graphs:
+            width, slots = D.static_shape(len(seqs), sum(map(len, seqs)), self.max_length, step=D.EVAL_ROW_STEP)
+            enc = D.collate_packed_static(seqs, width, slots, self.max_length, self.pad_id)
+            return self._graph_runner()(enc)[:len(seqs)].clone()  # the graph's output is overwritten next replay
+        enc = D.collate_packed(seqs) if self.rt.packing else D.collate_padded(seqs, self.pad_id)
+        enc = D.to_device(enc, self.rt.device)
+        with autocast(self.rt.device, self.rt.amp_dtype):
+            return F.softmax(self.model(**enc), dim=-1)
+
+    def _graph_runner(self):
+        if self._graphs is None:
+            from .cuda_graphs import RowGraphs
+
+            def forward(s):
+                with autocast(self.rt.device, self.rt.amp_dtype):
+                    return F.softmax(self.model(s["input_ids"], position_ids=s["position_ids"],
+                                                cu_seqlens=s["cu_seqlens"], max_len=s["max_len"]), dim=-1)
+            self._graphs = RowGraphs(forward, self.rt.device)
+        return self._graphs
+
+
+# --- thresholds --------------------------------------------------------------------------------------------
+
+def parse_thresholds(spec: str | None, labels, flag: str = "--threshold") -> dict[int, float]:
+    """'暴恐:0.3,色情低俗:0.5' -> {4: 0.3, 5: 0.5}. Full-width ':' and ',' are accepted."""
+    if not spec:
+        return {}
+    from .labels import clean_label
+
+    by_name = {n: i for i, n in enumerate(labels)}
+    out = {}
+    for part in spec.replace("，", ",").replace("：", ":").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.rpartition(":")
+        name = clean_label(name)
+        try:
+            t = float(value)
+        except ValueError:
+            t = math.nan
+        if not sep or name not in by_name or not 0 < t <= 1:
+            raise UserError(f"{flag} {spec!r}: each item must be label:probability with a known label and "
+                            f"0 < probability <= 1 (bad: {part.strip()!r}; labels: {', '.join(labels)})")
+        out[by_name[name]] = t
+    return out
+
+
+def choose_labels(probs: np.ndarray, thresholds: dict[int, float] | None = None) -> np.ndarray:
+    """Label id per row: among the labels whose threshold the row reaches, the most probable; else argmax."""
+    pred = probs.argmax(1)
+    if thresholds:
+        ids = np.array(sorted(thresholds))
+        reached = probs[:, ids] >= np.array([thresholds[i] for i in ids])
+        masked = np.where(reached, probs[:, ids], -1.0)
+        hit = reached.any(1)
+        pred = np.where(hit, ids[masked.argmax(1)], pred)
+    return pred
+
+
+# --- the Python API ----------------------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    label: str
+    label_id: int
+    score: float  # the probability of `label`
+    probs: dict[str, float] = field(repr=False)
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def runtime_args(device: str = "auto", precision: str = "auto", packing: str = "auto", compile: str = "auto",
+                 cuda_graphs: str = "auto", attn_implementation: str = "auto") -> argparse.Namespace:
+    """The runtime flags (lft.runtime.add_runtime_args) as the API's keyword arguments give them."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return argparse.Namespace(device=device, fp16=precision == "fp16", bf16=precision == "bf16",
+                              fp32=precision == "fp32", packing=packing, compile=compile, cuda_graphs=cuda_graphs,
+                              attn_implementation=attn_implementation)
+
+
+def pick_device(flag: str) -> torch.device:
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device visible")
+    return torch.device("cuda", torch.cuda.current_device()) if flag != "cpu" and torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+class Classifier:
+    """A trained classifier, ready to label texts (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, meta: dict, runtime: Runtime, max_length: int | None = None,
+                 max_tokens: int | None = None):
+        self.model, self.tokenizer, self.meta, self.runtime = model, tokenizer, meta, runtime
+        self.labels: list[str] = list(meta["labels"])
+        self.max_length = max_length or meta["max_length"]
+        self.max_tokens = max_tokens or 64 * self.max_length  # tokens per packed row (or padded batch)
+        self.predictor = Predictor(model, runtime, tokenizer.pad_token_id, self.max_length)
+        self.identity = meta.get("fingerprint", "")
+
+    @classmethod
+    def load(cls, model, checkpoint=None, device: str = "auto", precision: str = "auto", *, args=None,
+             max_length: int | None = None, max_tokens: int | None = None) -> "Classifier":
+        """`model`: an adapter folder (its base: `checkpoint`, else the path the adapter recorded, checked by
+        identity) or a merged folder. `args`: a parsed namespace of the runtime flags (scripts), instead of
+        device/precision."""
+        from . import adapter
+        from . import runtime as R
+        import qwen3_classification_direct as qcd
+
+        args = args or runtime_args(device, precision)
+        dev = pick_device(args.device)
+        rt = R.resolve(args, dev, world=1, training=False)
+        net, tok, meta = adapter.load_classifier(checkpoint, model, rt.weight_dtype, rt.attn)
+        meta = {**meta, "fingerprint": adapter.fingerprint(model)}
+        net.to(dev)
+        if rt.compile:
+            qcd.compile_decoder_layers(net)
+        return cls(net, tok, meta, rt, max_length, max_tokens)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids, at most max_length per text (its first tokens). Special tokens in a text are text."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        return [x[:self.max_length] or [self.tokenizer.pad_token_id] for x in ids]
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """(n, num_labels) float32 probabilities, in the order given."""
+        if isinstance(texts, str):
+            texts = [texts]
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise UserError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        return self.proba_of_ids(self.encode(texts))
+
+    def proba_of_ids(self, input_ids: list[list[int]]) -> np.ndarray:
+        if not input_ids:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+        probs = self.predictor.probs(input_ids, self.predictor.batches(lengths, max_tokens=self.max_tokens))
+        return torch.stack([probs[i] for i in range(len(input_ids))]).numpy()
+
+    def predict(self, texts: list[str], thresholds: dict[int, float] | str | None = None) -> list[Prediction]:
+        if isinstance(thresholds, str):
+            thresholds = parse_thresholds(thresholds, self.labels)
+        P = self.predict_proba(texts)
+        return self.to_predictions(P, choose_labels(P, thresholds))
+
+    def to_predictions(self, P: np.ndarray, ids: np.ndarray) -> list[Prediction]:
+        return [Prediction(self.labels[k], int(k), float(p[k]), {n: float(v) for n, v in zip(self.labels, p)})
+                for p, k in zip(P, ids)]
+

@@ -1,0 +1,140 @@
+"""Runtime decisions: device, dtypes, packing, attention kernel, compile, CUDA graphs. Resolved once per process.
+
+Every script declares the same flags through `add_runtime_args(parser)` and turns them into one frozen
+`Runtime` with `resolve(args, device, world)`; nothing else in the toolkit looks at these flags again.
+
+    p = ArgumentParser(...); add_runtime_args(p)
+    args = p.parse_args(argv); problems = []; check_runtime_args(args, problems)
+    rt = resolve(args, torch.device("cuda", 0), world=1)   # rt.weight_dtype, rt.amp_dtype, rt.eval_graphs, ...
+
+The policy, in one place:
+  precision  --fp16 / --bf16 / --fp32 as asked; otherwise bf16 on a GPU that has it (Qwen3 was trained in
+             bf16), fp16 + GradScaler on a GPU without bf16, fp32 on CPU.
+  packing    auto: on for CUDA (texts back to back in rows, no padding); off pads each batch.
+  attention  auto: flash attention over packed rows (torch.nn.attention.varlen) on CUDA with packing, else sdpa.
+  compile    auto: torch.compile the decoder layers on CUDA.
+  graphs     auto: CUDA graphs of evaluation rows wherever CUDA + packing + varlen apply; of training steps
+             too in single-process runs without a GradScaler (DDP's hooks and the scaler live outside a graph).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from .common import UserError
+
+VARLEN = "lft_varlen"  # the attention implementation name qwen3_classification_direct registers
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    weight_dtype: torch.dtype  # the frozen base model's weights
+    amp_dtype: torch.dtype | None  # autocast dtype of every forward (None: no autocast)
+    use_scaler: bool  # fp16: a GradScaler guards the backward
+    precision: str  # what was chosen and why, for the banner
+    packing: bool
+    attn: str  # VARLEN, "sdpa" or "eager"
+    compile: bool
+    eval_graphs: bool  # CUDA graphs of evaluation/prediction rows
+    step_graphs: bool  # CUDA graphs of training micro-steps
+
+    @property
+    def graphs_text(self) -> str:
+        return "training steps and evaluation" if self.step_graphs else "evaluation" if self.eval_graphs else "off"
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The flags every script shares (the original's --fp16 plus --bf16/--fp32, and the GPU fast path)."""
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if visible")
+    g.add_argument("--fp16", action="store_true", help="fp16 autocast (+ GradScaler when training; fp32 LoRA/head)")
+    g.add_argument("--bf16", action="store_true", help="bf16 base weights and autocast (default on a GPU with bf16)")
+    g.add_argument("--fp32", action="store_true", help="full fp32 even on a GPU")
+    g.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
+                   help="pack texts back to back into rows without padding (auto: on for CUDA)")
+    g.add_argument("--attn_implementation", default="auto", choices=("auto", "sdpa", "eager", "varlen"),
+                   help="attention kernel (auto: varlen flash attention for packed rows on CUDA, else sdpa)")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the decoder layers (auto: on for CUDA)")
+    g.add_argument("--cuda_graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay fixed-shape packed rows as CUDA graphs (auto: on with CUDA + packing; training "
+                        "steps only in single-process runs without --fp16)")
+
+
+def check_runtime_args(args, problems: list[str]) -> None:
+    """Append every problem with the runtime flags (the script raises them all at once)."""
+    if sum([args.fp16, args.bf16, args.fp32]) > 1:
+        problems.append("--fp16, --bf16 and --fp32 exclude each other")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device visible")
+    if args.bf16 and args.device != "cpu" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        problems.append("--bf16: this GPU has no bf16; use --fp16")
+
+
+def on_for_cuda(flag: str, device) -> bool:
+    """An auto|on|off flag: 'auto' means on for CUDA."""
+    return flag == "on" or (flag == "auto" and torch.device(device).type == "cuda")
+
+
+def choose_precision(args, device: torch.device, training: bool = True):
+    """(weight dtype, autocast dtype or None, use GradScaler, reason)."""
+    if args.fp16:
+        return torch.float16, torch.float16, training, "fp16 (--fp16): autocast" + (
+            " + GradScaler, fp32 LoRA/head" if training else "")
+    if args.bf16:
+        return torch.bfloat16, torch.bfloat16, False, "bf16 (--bf16): bf16 base, fp32 LoRA/head"
+    if device.type == "cuda" and not args.fp32:
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, torch.bfloat16, False, "bf16 (default on a GPU; Qwen3 was trained in bf16)"
+        return torch.float16, torch.float16, training, "fp16 (default on a GPU without bf16)"
+    why = "--fp32" if args.fp32 else "default on CPU"
+    return torch.float32, None, False, f"fp32 ({why})"
+
+
+def have_varlen(device) -> bool:
+    if torch.device(device).type != "cuda":  # the import costs ~2 s (it loads dynamo): only where it can run
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 8:  # flash attention needs Ampere or newer
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_attention(requested: str, packing: bool, device) -> str:
+    """'auto': varlen flash attention for packed rows on CUDA; sdpa otherwise (on CPU, packed rows get a
+    block-diagonal mask that transformers derives from the restarting position ids)."""
+    if requested == "varlen":
+        if not (packing and have_varlen(device)):
+            raise UserError("--attn_implementation varlen needs CUDA (compute capability >= 8.0), torch >= 2.10 "
+                            "and --packing on")
+        return VARLEN
+    if requested == "auto":
+        return VARLEN if packing and have_varlen(device) else "sdpa"
+    return requested
+
+
+def resolve(args, device: torch.device, world: int = 1, training: bool = False) -> Runtime:
+    """The one place the runtime flags become decisions (see the module docstring)."""
+    weight, amp, scaler, why = choose_precision(args, device, training)
+    packing = on_for_cuda(args.packing, device)
+    attn = choose_attention(args.attn_implementation, packing, device)
+    possible = device.type == "cuda" and packing and attn == VARLEN
+    if args.cuda_graphs == "on" and not possible:
+        raise UserError("--cuda_graphs on needs a CUDA device, --packing on and varlen attention")
+    graphs = possible and args.cuda_graphs != "off"
+    return Runtime(device=device, weight_dtype=weight, amp_dtype=amp, use_scaler=scaler, precision=why,
+                   packing=packing, attn=attn, compile=on_for_cuda(args.compile, device), eval_graphs=graphs,
+                   step_graphs=graphs and training and world == 1 and not scaler)
+
+
+def autocast(device, amp_dtype):
+    """Autocast to `amp_dtype` on `device` (off when None), for every forward of the toolkit. Its cache of cast
+    weights is off: a CUDA graph must not keep cached casts, and each weight is cast once per forward anyway."""
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                          cache_enabled=False)

@@ -1,0 +1,119 @@
+"""The CUDA-only paths, on the tiny checkpoint: varlen flash attention over packed rows, compiled layers, CUDA
+graphs of training steps and evaluation, the fused AdamW skipping a non-finite update on the device, step flags
+read one step late, and the path without flash attention (older GPUs).
+
+Marked `gpu`: skipped without CUDA; run on a GPU machine with `python -m pytest -q -m gpu tests/test_gpu.py`.
+Where the result is exact, the assertion is exact.
+"""
+import json
+
+import pytest
+import torch
+
+import qwen3_classification_direct as qcd
+import test_saved_lora
+import train_lora
+from lft import cuda_graphs
+from lft.common import UserError
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def run(ckpt, data, out, *extra):
+    return train_lora.main(["--checkpoint", str(ckpt), "--train_data", str(data["train"]), "--val_data",
+                            str(data["val"]), "--output_dir", str(out), "--max_length", "64", "--batch_size", "8",
+                            "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3", "--lora_r", "16",
+                            "--lora_alpha", "32", "--logging_steps", "1", "--no_progress", *map(str, extra)])
+
+
+def log(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["macro_f1"] for r in rows if r.get("split") == "val"]
+
+
+@pytest.fixture
+def graph_sets(monkeypatch):
+    made = []
+    init = cuda_graphs.RowGraphs.__init__
+
+    def recording_init(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(cuda_graphs.RowGraphs, "__init__", recording_init)
+    return made
+
+
+def test_cuda_training_learns_with_graphs_on_held_out_test(tiny_ckpt, demo_data, tmp_path, graph_sets):
+    out = tmp_path / "learn"
+    assert run(tiny_ckpt, demo_data, out, "--num_epochs", 4, "--eval_steps", 27, "--test_data", demo_data["test"]) == 0
+    res = json.loads((out / "test_results.json").read_text())
+    assert res["macro_f1"] >= 0.9, res["macro_f1"]
+    assert len(graph_sets) >= 2 and all(g.captures > 0 for g in graph_sets)  # training steps and evaluation
+
+
+def test_graph_replays_equal_eager_steps(tiny_ckpt, demo_data, tmp_path):
+    same = ("--num_epochs", 1, "--lora_dropout", 0, "--dropout", 0, "--eval_steps", 9)
+    assert run(tiny_ckpt, demo_data, tmp_path / "on", *same) == 0
+    assert run(tiny_ckpt, demo_data, tmp_path / "off", *same, "--cuda_graphs", "off") == 0
+    (la, fa), (lb, fb) = log(tmp_path / "on"), log(tmp_path / "off")
+    assert len(la) == len(lb) == 27
+    assert la[:5] == lb[:5]  # the same kernels on the same rows: bitwise equal before bf16 drift compounds
+    assert fa == pytest.approx(fb, abs=0.05)
+
+
+def test_evaluation_graphs_equal_eager(tiny_ckpt, demo_data, tmp_path):
+    assert run(tiny_ckpt, demo_data, tmp_path / "m", "--num_epochs", 2, "--eval_steps", 27) == 0
+    results = {}
+    for flag in ("on", "off"):
+        assert test_saved_lora.main(["--lora_model", str(tmp_path / "m" / "best_model"), "--checkpoint",
+                                     str(tiny_ckpt), "--test_data", str(demo_data["test"]), "--output_dir",
+                                     str(tmp_path / flag), "--cuda_graphs", flag, "--predictions_format", "csv"]) == 0
+        results[flag] = json.loads((tmp_path / flag / "test_results.json").read_text())
+    assert results["on"]["confusion_matrix"] == results["off"]["confusion_matrix"]
+
+
+def poison(monkeypatch, bad_calls):
+    """Training forward call n returns NaN logits when n is in bad_calls (the memory probe does not count)."""
+    real, calls = qcd.Qwen3Classifier.forward, [0]
+
+    def forward(self, *a, **k):
+        logits = real(self, *a, **k)
+        probe = bool((k["input_ids"] == 151643).all())
+        if self.training and not probe:
+            calls[0] += 1
+            if calls[0] in bad_calls:
+                return logits * float("nan")
+        return logits
+
+    monkeypatch.setattr(qcd.Qwen3Classifier, "forward", forward)
+
+
+def test_one_nan_step_is_skipped_on_the_device(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    poison(monkeypatch, {12})
+    out = tmp_path / "skip"
+    assert run(tiny_ckpt, demo_data, out, "--num_epochs", 1, "--save_steps", 1, "--save_total_limit", 30,
+               "--cuda_graphs", "off") == 0
+    a, b, c = (load_file(str(out / f"checkpoint-{s}" / "head.safetensors"))["score.weight"] for s in (11, 12, 27))
+    assert torch.equal(a, b) and not torch.equal(b, c) and bool(torch.isfinite(c).all())
+
+
+def test_a_run_of_nan_steps_stops_with_flags_read_one_step_late(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    poison(monkeypatch, range(8, 10_000))
+    out = tmp_path / "stop"
+    with pytest.raises(UserError, match="3 consecutive steps with a non-finite loss \\(the last at step 10\\)"):
+        run(tiny_ckpt, demo_data, out, "--num_epochs", 1, "--eval_steps", 5, "--save_steps", 5,
+            "--max_nonfinite_steps", 3, "--cuda_graphs", "off")
+    assert bool(torch.isfinite(load_file(str(out / "best_model" / "head.safetensors"))["score.weight"]).all())
+
+
+def test_without_flash_attention_sdpa_path_learns(tiny_ckpt, demo_data, tmp_path):
+    """What a GPU without flash varlen (compute capability < 8.0) runs: padded sdpa batches, no graphs."""
+    out = tmp_path / "sdpa"
+    assert run(tiny_ckpt, demo_data, out, "--num_epochs", 3, "--eval_steps", 27, "--packing", "off",
+               "--attn_implementation", "sdpa", "--test_data", demo_data["test"]) == 0
+    assert json.loads((out / "test_results.json").read_text())["macro_f1"] >= 0.9

@@ -138,13 +138,21 @@ class Qwen3Classifier(nn.Module):
 def load_tokenizer(checkpoint):
     """The checkpoint's own tokenizer, offline, with the pad token set explicitly.
 
-    split_special_tokens: a user's text is text. "<|endoftext|>" typed into a post encodes as the characters
-    it is made of, never as the control token (which is also the pad id); the toolkit adds no special token
-    to any text, so no string a user types can produce a special-token id."""
+    A user's text is text: "<|endoftext|>" or "<think>" typed into a post encodes as the characters it is made
+    of, never as a control token (<|endoftext|> is also the pad id). Qwen3 marks some added tokens (<think>,
+    <tool_call>, the FIM tokens) as non-special, and a tokenizer matches those even with split_special_tokens;
+    so every added token is marked special, and special tokens are split. The toolkit adds no special token to
+    any text, so no string a user types can produce an added-token id."""
+    from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True, trust_remote_code=False,
                                         split_special_tokens=True)
+    backend = tok.backend_tokenizer
+    backend.add_special_tokens([AddedToken(a.content, special=True, normalized=False, single_word=a.single_word,
+                                           lstrip=a.lstrip, rstrip=a.rstrip)
+                                for a in backend.get_added_tokens_decoder().values() if not a.special])
+    backend.encode_special_tokens = True
     if tok.pad_token is None:
         tok.pad_token = PAD_TOKEN
     return tok

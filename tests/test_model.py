@@ -7,6 +7,7 @@ from transformers import AutoModelForSequenceClassification, Qwen3ForSequenceCla
 
 import qwen3_classification_direct as qcd
 from lft import adapter, base
+from lft.base import identity as base_identity
 from lft.common import UserError
 from lft.data import DEFAULT_LABELS, collate_packed, collate_packed_static, collate_padded, static_shape
 
@@ -183,3 +184,82 @@ def test_checkpoint_checks(tmp_path, tiny_ckpt):
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(UserError, match="incomplete download"):
         base.check_folder(idx)
+
+
+# --- user text stays text -------------------------------------------------------------------------------------
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "<|fim_prefix|>",
+           "<|vision_pad|>", "<|box_start|>", "<tool_response>"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_ckpt):
+    return qcd.load_tokenizer(tiny_ckpt)
+
+
+def test_special_token_strings_encode_as_text(tokenizer):
+    first_special = 151643  # <|endoftext|>; every added token's id is at or above it
+    assert tokenizer.pad_token_id == first_special
+    for s in SPECIAL:
+        ids = tokenizer(s, add_special_tokens=False)["input_ids"]
+        assert len(ids) > 1 and max(ids) < first_special, s
+        assert tokenizer.decode(ids) == s
+
+
+def test_no_string_a_user_types_produces_a_special_token_id(tokenizer):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    pieces = st.one_of(st.sampled_from(SPECIAL), st.text(max_size=6), st.sampled_from(["<|", "|>", "<", ">", "|"]))
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(pieces, max_size=8).map("".join))
+    def check(text):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert all(i < 151643 for i in ids), (text, ids)
+        assert tokenizer.decode(ids) == text
+
+    check()
+
+
+def test_a_trailing_endoftext_changes_nothing_but_its_own_characters(model_and_tok, tokenizer):
+    """The string "<|endoftext|>" at the end of a text is classified as those characters: the logits are those of
+    the text with the characters, never of the text alone (which is what a pad token would make them)."""
+    model, _ = model_and_tok
+    a = tokenizer("出售假证件<|endoftext|>", add_special_tokens=False)["input_ids"]
+    b = tokenizer("出售假证件", add_special_tokens=False)["input_ids"]
+    assert a[:len(b)] == b and len(a) > len(b)
+    with torch.no_grad():
+        la, lb = model(**collate_padded([a], 151643)), model(**collate_padded([b], 151643))
+    assert not torch.allclose(la, lb)
+
+
+# --- merged export precision ------------------------------------------------------------------------------------
+
+def test_merged_export_dtype_default_is_the_base_dtype(model_and_tok, tiny_ckpt, tmp_path):
+    model, tok = model_and_tok
+    meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {}, "metrics": None,
+            "base": base_identity(tiny_ckpt, model.backbone.get_base_model())}
+    assert adapter.base_dtype(tiny_ckpt) == torch.float32  # the tiny checkpoint is saved in float32
+    texts = ["今天天气很好", "出售假证件，量大从优", "某些人就是素质低", "hello 世界"] * 8
+    enc = collate_padded(encode(tok, texts), tok.pad_token_id)
+    with torch.no_grad():
+        ref = torch.softmax(model(**enc), -1)
+    for dtype, tol in ((adapter.base_dtype(tiny_ckpt), 1e-5), (torch.bfloat16, 0.05)):
+        adapter.export_merged(model, tok, tmp_path / str(dtype), meta, dtype=dtype)
+        hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / str(dtype), dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = torch.softmax(hf(**enc).logits.float(), -1)
+        assert (got - ref).abs().max().item() <= tol, dtype
+        if dtype == torch.float32:
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_merge_with_mean_pooling_fails_at_argument_checking(tiny_ckpt, demo_data, tmp_path):
+    import train_lora
+
+    with pytest.raises(UserError, match="--merge .* --pooling mean .* predict.py"):
+        train_lora.parse_args(["--checkpoint", str(tiny_ckpt), "--train_data", str(demo_data["train"]),
+                               "--val_data", str(demo_data["val"]), "--output_dir", str(tmp_path / "o"),
+                               "--merge", "--pooling", "mean"])
+    assert not (tmp_path / "o").exists()

@@ -8,5 +8,8 @@ One concern per module:
   dist    - torchrun/DDP set-up and the few collectives the scripts need
   checkpoint - training checkpoints (atomic, sealed with sha256, verified on resume), the output folder's
             checks, and the SIGTERM/Ctrl-C stop request
+  early_stopping - patience on the validation macro-F1, with checkpointable state
+  tracking - --report_to tensorboard/mlflow/wandb/trackio (local files, optional packages)
+  config  - --config FILE (YAML/JSON, a run's args.json) between the defaults and the command line
   demo    - the embedded demo: a tiny local Qwen3 checkpoint and a synthetic data set
 """

@@ -259,11 +259,6 @@ def _quote(s: str) -> str:
     return s.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def _stable_id(output_dir: Path, run_name: str) -> str:
-    """The same id for the same output folder and run name, so a resumed run continues its wandb run."""
-    return hashlib.sha1(f"{output_dir}\0{run_name}".encode()).hexdigest()[:16]
-
-
 class _Wandb:
     name = "wandb"
 
@@ -274,11 +269,13 @@ class _Wandb:
         import wandb
 
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_name,
-                              id=_stable_id(output_dir, run_name), resume="allow",
-                              dir=os.environ.get("WANDB_DIR") or str(output_dir), config=params,
-                              settings=wandb.Settings(mode=mode, silent=True, console="off",
-                                                      x_disable_stats=True))
+        folder = os.environ.get("WANDB_DIR") or str(output_dir)
+        # a resumed run continues the wandb run the interrupted one wrote (wandb/latest-run -> ...-<run id>)
+        latest = Path(folder) / "wandb" / "latest-run"
+        run_id = latest.resolve().name.rsplit("-", 1)[-1] if resume_step is not None and latest.exists() else None
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=run_name, id=run_id,
+                              resume="allow" if run_id else None, dir=folder, config=params,
+                              settings=wandb.Settings(mode=mode, silent=True, console="off", x_disable_stats=True))
 
     def log(self, step, flat):
         self.run.log(flat, step=step)
@@ -300,7 +297,8 @@ class _Trackio:
         from trackio.utils import TRACKIO_DIR
 
         self.dir = Path(TRACKIO_DIR)
-        self.run = trackio.init(project=PROJECT, name=run_name, config=params, resume="allow", embed=False,
+        self.run = trackio.init(project=PROJECT, name=run_name, config=params, embed=False,
+                                resume="never" if resume_step is None else "allow",
                                 auto_log_gpu=False, auto_log_cpu=False)
 
     def log(self, step, flat):

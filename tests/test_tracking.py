@@ -188,6 +188,15 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert (run.display_name, run.project) == ("r1", "LLM_Fine_Tuning")
     assert {k: history[k] for k in WANT} == WANT
     assert config == PARAMS
+    # a resumed run continues the same wandb run (same id); a fresh one gets a new id
+    first_id = log.parent.name.rsplit("-", 1)[1]
+    write_run("wandb", tmp_path, run_name="r1", resume_step=10, steps=(20,))
+    assert {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")} == {first_id}
+    (latest,) = (tmp_path / "wandb" / "latest-run").resolve().glob("run-*.wandb")
+    rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in read_wandb_records(latest)
+            if r.WhichOneof("record_type") == "history"]
+    assert [(row["_step"], row["train/loss"]) for row in rows if "train/loss" in row] == [(20, 1.0)]
 
 
 # --- trackio: not in requirements-dev (it downgrades pillow); runs where it is installed ------------------

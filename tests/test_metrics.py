@@ -54,7 +54,10 @@ def test_png_names_in_the_packaged_cjk_font():
 
     from matplotlib import font_manager
 
+    import matplotlib.pyplot as plt
+
     m = metrics_from_confusion(np.diag([3, 4, 5, 6, 7, 8]), DEFAULT_LABELS)
+    family = list(plt.rcParams["font.family"])
     fig = confusion_figure(m)
     ax = fig.axes[0]
     with warnings.catch_warnings():
@@ -66,10 +69,8 @@ def test_png_names_in_the_packaged_cjk_font():
             path = font_manager.findfont(t.get_fontproperties(), fallback_to_default=False)
             assert path.endswith("paperang_p2_fonts_cjk/fonts/wqy-microhei.ttc")
     assert M.cjk_font() == "WenQuanYi Micro Hei"
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
-    assert plt.rcParams["font.family"] == ["sans-serif"]  # the process's other plots keep their font
+    assert plt.rcParams["font.family"] == family  # the process's other plots keep their font
 
 
 def test_png_without_cjk_font_uses_ids(monkeypatch):

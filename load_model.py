@@ -18,7 +18,7 @@ import torch
 
 import qwen3_classification_direct as qcd
 from lft import adapter, data as D
-from lft.common import ArgumentParser, UserError, run_cli
+from lft.common import ArgumentParser, UserError, display_width, run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +45,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 def describe(model, title: str) -> list[str]:
     total, trainable = qcd.count_parameters(model)
     return [f"{title:<28} {total:>15,} parameters, {trainable:>12,} trainable ({100 * trainable / total:.3f}%)"]
+
+
+def _chunks(text: str, width: int):
+    """`text` in pieces of at most `width` terminal columns (CJK characters take two)."""
+    piece = ""
+    for ch in text:
+        if piece and display_width(piece + ch) > width:
+            yield piece
+            piece = ""
+        piece += ch
+    yield piece
+
+
+def args_table(args: dict, width: int = 72, max_lines: int = 3, indent: str = "  ") -> list[str]:
+    """The training arguments as two columns, name and value; a long value wraps onto at most `max_lines` lines
+    of `width` columns, and what is left is cut with '...' (args.json holds it whole)."""
+    if not args:
+        return [f"{indent}(none recorded)"]
+    w = max(len(k) for k in args)
+    lines = []
+    for name, value in args.items():
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        parts = list(_chunks(text, width))
+        if len(parts) > max_lines:
+            parts = parts[:max_lines]
+            parts[-1] = next(_chunks(parts[-1], width - 3)) + "..."
+        lines += [f"{indent}{name if i == 0 else '':<{w}}  {part}" for i, part in enumerate(parts)]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -94,7 +122,8 @@ def main(argv=None) -> int:
             v = meta["metrics"]["val"]
             lines.append(f"chosen at step               {meta['metrics']['step']}: val macro-F1 {v['macro_f1']:.4f}, "
                          f"accuracy {v['accuracy']:.4f}")
-        lines.append("training arguments           " + json.dumps(meta.get("args", {}), ensure_ascii=False))
+        lines.append("training arguments")
+        lines += args_table(meta.get("args") or {})
     print("\n".join(lines))
     if args.print_model:
         print(model)

@@ -17,5 +17,8 @@ qwen3_classification_direct.py at the top level; the library never imports a scr
   signals     SIGTERM/Ctrl-C as a stop request the loop acts on
   metrics     confusion matrix -> every reported metric, tables, PNG
   dist        torchrun/DDP set-up and the few collectives the scripts need
+  early_stopping  patience on the validation macro-F1, with checkpointable state
+  tracking    --report_to tensorboard/mlflow/wandb/trackio (local files, optional packages)
+  config      --config FILE (YAML/JSON, a run's args.json) between the defaults and the command line
   demo        the embedded demo: a tiny local Qwen3 checkpoint, synthetic data, the scripts run end to end
 """

@@ -12,6 +12,27 @@ import tempfile
 from pathlib import Path
 
 
+# Python 3.11 or newer: the pinned transformers, pandas, numpy, scikit-learn, matplotlib, pyarrow and pymongo
+# require it (their Requires-Python); the code itself needs 3.10 (dataclass(slots=True), X | Y unions).
+MIN_PYTHON = (3, 11)
+
+
+def check_python(version=None) -> None:
+    """Exit (status 2) with one line on stderr when this Python is older than MIN_PYTHON.
+
+    Call it first in a script, before importing torch or transformers, whose own failure on an old Python is a
+    traceback or a pip resolver error far from the cause. This module parses on Python 3.8 so the check runs:
+        from lft.common import check_python
+        check_python()
+    """
+    v = tuple(sys.version_info if version is None else version)[:3]
+    if v[:2] < MIN_PYTHON:
+        need = ".".join(map(str, MIN_PYTHON))
+        print(f"error: Python {'.'.join(map(str, v))} is too old: LLM_Fine_Tuning needs Python >= {need} "
+              f"(its pinned transformers, pandas and numpy do); run it with python{need} or newer", file=sys.stderr)
+        sys.exit(2)
+
+
 class UserError(Exception):
     """A problem with the user's input (flag, file, row). Printed as one line, exit status 2."""
 

@@ -5,6 +5,9 @@ equal those of one process over the same texts.
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 
 from .common import display_width
@@ -67,38 +70,71 @@ def format_report(m: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_confusion(m: dict, path) -> None:
-    """Confusion matrix as a PNG (row-normalised colours, counts in the cells)."""
+# A font with Chinese glyphs that pip installs (requirements.txt): WenQuanYi Micro Hei, 5 MB, in the package
+# paperang-p2-fonts-cjk (package MIT; the font is free to redistribute: Apache-2.0 / GPLv3 with the font
+# exception upstream, OFL as the package states). Only its file is used: the package's code is never imported.
+CJK_FONT_FILE = ("paperang_p2_fonts_cjk", "fonts/wqy-microhei.ttc")
+SYSTEM_CJK_FONTS = ("Noto Sans CJK", "WenQuanYi", "SimHei", "Source Han", "Droid Sans Fallback")
+
+
+@functools.lru_cache(maxsize=None)
+def cjk_font() -> str | None:
+    """The family name of a font that has Chinese glyphs: the packaged one (registered with matplotlib on first
+    use), else one the system has, else None (then the plot labels with ids)."""
+    import importlib.util
+
+    from matplotlib import font_manager
+
+    spec = importlib.util.find_spec(CJK_FONT_FILE[0])  # finds the folder; runs none of the package's code
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / CJK_FONT_FILE[1]
+        if path.is_file():
+            font_manager.fontManager.addfont(str(path))
+            return font_manager.FontProperties(fname=str(path)).get_name()
+    system = [f.name for f in font_manager.fontManager.ttflist if any(k in f.name for k in SYSTEM_CJK_FONTS)]
+    return sorted(system)[0] if system else None
+
+
+def confusion_figure(m: dict):
+    """The confusion matrix as a matplotlib figure (row-normalised colours, counts in the cells), label names
+    on the axes in a CJK font (ids when there is none)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import font_manager
 
-    from .common import atomic_path
-
-    # a CJK font if the system has one; otherwise label with ids so no glyph is lost
-    cjk = [f.name for f in font_manager.fontManager.ttflist
-           if any(k in f.name for k in ("Noto Sans CJK", "WenQuanYi", "SimHei", "Source Han", "Droid Sans Fallback"))]
-    names = m["labels"] if cjk else [f"{i}" for i in range(len(m["labels"]))]
+    font = cjk_font()
+    names = m["labels"] if font else [f"{i}" for i in range(len(m["labels"]))]
     cm = np.asarray(m["confusion_matrix"], dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    if cjk:
-        plt.rcParams["font.family"] = cjk[0]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.1 * len(names) + 1.5))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    # the font on the names only (never rcParams: later plots of the process keep theirs)
+    tick_font = {"fontfamily": [font, "DejaVu Sans"]} if font else {}
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", **tick_font)
+    ax.set_yticks(range(len(names)), names, **tick_font)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
     title = f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
-    if not cjk:
+    if not font:
         title += "\n(no CJK font installed: ticks are label ids, names in test_results.json)"
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    return fig
+
+
+def plot_confusion(m: dict, path) -> None:
+    """Confusion matrix as a PNG (see confusion_figure)."""
+    import matplotlib.pyplot as plt
+
+    from .common import atomic_path
+
+    fig = confusion_figure(m)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from lft.data import DEFAULT_LABELS
-from lft.metrics import confusion, format_report, metrics_from_confusion, plot_confusion
+from lft import metrics as M
+from lft.metrics import confusion, confusion_figure, format_report, metrics_from_confusion, plot_confusion
 
 
 def test_metrics_by_hand():
@@ -39,3 +40,38 @@ def test_report_and_png(tmp_path):
     plot_confusion(m, tmp_path / "cm.png")
     assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["cm.png"]  # no temp file left
+
+
+def test_png_names_in_the_packaged_cjk_font():
+    """The label names are drawn in the font requirements.txt installs (not a system font), and every glyph
+    exists in it (matplotlib warns on a missing glyph; here that is an error)."""
+    import io
+    import warnings
+
+    from matplotlib import font_manager
+
+    import matplotlib.pyplot as plt
+
+    m = metrics_from_confusion(np.diag([3, 4, 5, 6, 7, 8]), DEFAULT_LABELS)
+    family = list(plt.rcParams["font.family"])
+    fig = confusion_figure(m)
+    ax = fig.axes[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig.savefig(io.BytesIO(), format="png")
+    for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+        assert [t.get_text() for t in ticks] == list(DEFAULT_LABELS)
+        for t in ticks:
+            path = font_manager.findfont(t.get_fontproperties(), fallback_to_default=False)
+            assert path.endswith("paperang_p2_fonts_cjk/fonts/wqy-microhei.ttc")
+    assert M.cjk_font() == "WenQuanYi Micro Hei"
+    plt.close(fig)
+    assert plt.rcParams["font.family"] == family  # the process's other plots keep their font
+
+
+def test_png_without_cjk_font_uses_ids(monkeypatch):
+    monkeypatch.setattr(M, "cjk_font", lambda: None)
+    fig = confusion_figure(metrics_from_confusion(np.diag([1, 2, 3, 4, 5, 6]), DEFAULT_LABELS))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3", "4", "5"]
+    assert "no CJK font installed" in ax.get_title()

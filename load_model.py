@@ -18,13 +18,13 @@ import torch
 
 import qwen3_classification_direct as qcd
 from lft import adapter, data as D
-from lft.common import ArgumentParser, UserError, display_width, run_cli
+from lft.common import ArgumentParser, HelpFormatter, UserError, display_width, run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=None, help="local Qwen3 folder (not needed for a merged model)")
     p.add_argument("--lora_model", default=None, help="adapter (best_model/) or merged folder to inspect")
     p.add_argument("--labels", default=None, help="label names for a fresh head (default: the six safety labels)")

@@ -21,14 +21,14 @@ import torch
 
 from lft import adapter, data as D, outdir
 from lft import runtime as R
-from lft.common import ArgumentParser, UserError, explain_oom, redact, run_cli, write_json
+from lft.common import ArgumentParser, HelpFormatter, UserError, explain_oom, redact, run_cli, write_json
 from lft.dist import cleanup, gather_objects, print0, setup_distributed
 from lft.metrics import confusion, format_report, metrics_from_confusion, plot_confusion
 from lft.predict import Predictor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=None, help="base Qwen3 folder (default: the base the adapter recorded; "
                    "not needed for a merged model)")
     p.add_argument("--lora_model", required=True, help="adapter folder (best_model/) or merged folder")

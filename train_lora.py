@@ -29,20 +29,27 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
+from lft.common import check_python
 
-import qwen3_classification_direct as qcd
+check_python()  # before torch and transformers, whose own failure on an old Python is far from the cause
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import qwen3_classification_direct as qcd  # noqa: E402
 from lft import adapter, base, checkpoint as C, data as D, outdir
 from lft import runtime as R
-from lft.common import ArgumentParser, UserError, explain_oom, redact, run_cli, safe_args, write_json
-from lft.dist import Dist, all_reduce_sum, barrier, cleanup, print0, setup_distributed
-from lft.labels import DEFAULT_LABELS
-from lft.metrics import confusion, format_report, metrics_from_confusion
-from lft.predict import Predictor
-from lft.runtime import add_runtime_args, check_runtime_args
-from lft.signals import StopRequest
-from lft.train_step import LaggedFlags, Stepper
+from lft.common import ArgumentParser, HelpFormatter, UserError, explain_oom, redact, run_cli, safe_args, write_json  # noqa: E402
+from lft.config import describe_sources, parse_args_with_config  # noqa: E402
+from lft.dist import Dist, all_reduce_sum, barrier, cleanup, print0, setup_distributed  # noqa: E402
+from lft.early_stopping import EarlyStopping, add_early_stopping_args, check_early_stopping_args  # noqa: E402
+from lft.labels import DEFAULT_LABELS  # noqa: E402
+from lft.metrics import confusion, format_report, metrics_from_confusion  # noqa: E402
+from lft.predict import Predictor  # noqa: E402
+from lft.runtime import add_runtime_args, check_runtime_args  # noqa: E402
+from lft.signals import StopRequest  # noqa: E402
+from lft.tracking import Tracker, add_tracking_args, check_tracking_args  # noqa: E402
+from lft.train_step import LaggedFlags, Stepper  # noqa: E402
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 # flags that only change the result: resuming with other values still works, with a warning that the run will
@@ -55,7 +62,7 @@ OOM_FIX = ("lower --batch_size (raise --gradient_accumulation_steps to keep the 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--train_data", required=True, help="training table (.xlsx/.csv/.jsonl/.parquet)")
     g.add_argument("--val_data", required=True, help="validation table; picks best_model by macro-F1")
@@ -108,7 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--merge_dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of best_model_merged/ (auto: the base checkpoint's dtype)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
-    args = p.parse_args(argv)
+    add_early_stopping_args(p)
+    add_tracking_args(p)
+    args, args._sources = parse_args_with_config(p, argv)  # --config FILE: defaults < file < command line
     check_args(args)
     return args
 
@@ -142,6 +151,8 @@ def check_args(args) -> None:
         problems.append("--merge exports transformers' Qwen3ForSequenceClassification, which pools the last token: "
                         "it cannot hold a --pooling mean model (use predict.py with the adapter instead)")
     check_runtime_args(args, problems)
+    check_early_stopping_args(args, problems)
+    check_tracking_args(args, problems)
     for flag in ("train_data", "val_data", "test_data"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
@@ -279,6 +290,7 @@ class LoopState:
     best_metric: float | None = None
     best_step: int | None = None
     nonfinite_run: int = 0
+    early_stopping: dict | None = None  # lft.early_stopping.EarlyStopping.state_dict()
 
 
 class MetricsLog:
@@ -362,14 +374,23 @@ class Trainer:
                 write_json(self.out / "args.json", safe_args(a))  # never a password, whatever the arguments hold
         banner(a, self.splits, self.labels, self.steps_per_epoch, self.total_steps, d, self.rt,
                qcd.count_parameters(self.model), self.tokenizer)
+        for line in describe_sources(a, getattr(a, "_sources", {})):
+            print0(line)
         self.optimizer, self.scheduler, self.scaler = make_optimizer(self.model, a, self.rt, self.total_steps)
         self.class_w = class_weights(a, self.splits["train"], len(self.labels))
         self.meta = {"labels": list(self.labels), "id2label": dict(enumerate(self.labels)),
                      "max_length": a.max_length, "base": self.identity, "args": safe_args(a), "metrics": None}
         self.state = LoopState()
+        self.stopper = EarlyStopping(a.early_stopping_patience, a.early_stopping_threshold)
         if self.resume is not None:
             self.state = LoopState(**C.load_checkpoint(self.resume, self.model, self.identity, self.optimizer,
                                                        self.scheduler, self.scaler, d))
+            if self.state.early_stopping is not None:
+                try:
+                    self.stopper.load_state_dict(self.state.early_stopping)
+                except ValueError as e:
+                    raise UserError(f"{self.resume}: bad early-stopping state ({e}); it was not written by this "
+                                    "toolkit") from None
             print0(f"resumed from {self.resume} at step {self.state.global_step}")
         else:
             torch.manual_seed(a.seed + d.rank)  # dropout masks differ per rank
@@ -389,26 +410,33 @@ class Trainer:
 
         a, st = self.args, self.state
         self.log = MetricsLog(self.out, self.d, st.global_step)
+        self.tracker = Tracker.open(a.report_to, self.out, a.run_name, safe_args(a), self.d.main,
+                                    resume_step=st.global_step if self.resume is not None else None)
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc="train", unit="step",
                    disable=not self.d.main or a.no_progress, dynamic_ncols=True)
         self.flags, self.window = LaggedFlags(self.d.device), Window(self.d.device)
         stop_now = False
         stop.listen()  # from here SIGTERM/Ctrl-C finish the step, save a checkpoint and exit
-        for epoch in range(st.global_step // self.steps_per_epoch, a.num_epochs):
-            for i, step in enumerate(self.epoch_plan(epoch)):
-                if epoch * self.steps_per_epoch + i < st.global_step:
-                    continue  # already done before the resume
-                stop_now = self.train_step(step, stop)
-                bar.update(1)
-                self.after_step(bar, stop_now)
-                if stop_now:
+        try:
+            for epoch in range(st.global_step // self.steps_per_epoch, a.num_epochs):
+                if self.stopper.should_stop:  # stopped early before this run resumed
                     break
-            if stop_now:
-                break
-        self.read_flags(*self.flags.flush())  # the last step's flags, on CUDA
-        stop.release()
-        bar.close()
-        self.log.close()
+                for i, step in enumerate(self.epoch_plan(epoch)):
+                    if epoch * self.steps_per_epoch + i < st.global_step:
+                        continue  # already done before the resume
+                    stop_now = self.train_step(step, stop)
+                    bar.update(1)
+                    self.after_step(bar, stop_now)
+                    if stop_now or self.stopper.should_stop:
+                        break
+                if stop_now or self.stopper.should_stop:
+                    break
+            self.read_flags(*self.flags.flush())  # the last step's flags, on CUDA
+        finally:
+            stop.release()
+            bar.close()
+            self.log.close()
+            self.tracker.close()
         if stop_now:
             print0(f"stopped by {stop.name} at step {st.global_step}/{self.total_steps}; checkpoint saved. Resume "
                    "with the same command plus --resume_from_checkpoint auto")
@@ -460,7 +488,8 @@ class Trainer:
             self.log_window(bar)
         if gs % a.eval_steps == 0 or gs == self.total_steps:
             self.run_eval(gs)
-        if gs % a.save_steps == 0 or gs == self.total_steps or stop_now:
+        if gs % a.save_steps == 0 or gs == self.total_steps or stop_now or self.stopper.should_stop:
+            self.state.early_stopping = self.stopper.state_dict()
             C.save_checkpoint(self.out / f"checkpoint-{gs}", self.model, self.meta, self.optimizer, self.scheduler,
                               self.scaler, asdict(self.state), self.d)
             if self.d.main:
@@ -476,9 +505,11 @@ class Trainer:
                 f"{w['samples_per_s']:.1f} samples/s | {w['tokens_per_s']:.0f} tokens/s")
         if d.main:
             bar.write(line) if not self.args.no_progress else print(line, flush=True)
-        self.log.write({"step": gs, "epoch": gs / self.steps_per_epoch, "loss": w["loss"], "lr": lr,
-                        "grad_norm": w["grad_norm"], "ms_per_step": w["ms_per_step"],
-                        "samples_per_s": w["samples_per_s"], "tokens_per_s": w["tokens_per_s"]})
+        record = {"step": gs, "epoch": gs / self.steps_per_epoch, "loss": w["loss"], "lr": lr,
+                  "grad_norm": w["grad_norm"], "ms_per_step": w["ms_per_step"], "samples_per_s": w["samples_per_s"],
+                  "tokens_per_s": w["tokens_per_s"]}
+        self.log.write(record)
+        self.tracker.log(gs, {"train": {k: v for k, v in record.items() if k != "step"}})
 
     def run_eval(self, step: int) -> None:
         st, t0 = self.state, time.perf_counter()
@@ -491,6 +522,11 @@ class Trainer:
                + f" | {seconds:.1f} s")
         self.log.write({"step": step, "split": "val", **{k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")},
                         "seconds": seconds})
+        self.tracker.log(step, {"val": {k: v for k, v in m.items() if k not in ("labels", "confusion_matrix")},
+                                "val_seconds": seconds})
+        decision = self.stopper.update(m["macro_f1"], step)  # the metric is all-reduced: every rank agrees
+        if decision.stop:
+            print0(decision.reason)
         if improved:
             st.best_metric, st.best_step = m["macro_f1"], step
             if self.d.main:

@@ -135,19 +135,21 @@ def saved_world(path: Path, default: int) -> int:
 
 
 def _check_state(state: dict, path: Path) -> dict:
-    """The loop uses these values for file names and arithmetic: accept plain numbers only."""
+    """The loop uses these values for file names and arithmetic: accept plain numbers only (the early-stopping
+    state is checked by lft.early_stopping when the loop loads it)."""
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
     ok = (is_int(state.get("global_step")) and is_int(state.get("nonfinite_run", 0))
           and (state.get("best_step") is None or is_int(state["best_step"]))
           and (state.get("best_metric") is None or (isinstance(state["best_metric"], float)
-                                                    and math.isfinite(state["best_metric"]))))
+                                                    and math.isfinite(state["best_metric"])))
+          and isinstance(state.get("early_stopping"), (dict, type(None))))
     if not ok:
         shown = {k: state.get(k) for k in ("global_step", "best_step", "best_metric", "nonfinite_run")}
         raise UserError(f"{path / STATE_PT}: bad training state {redact(repr(shown))}; it was not written by this "
                         "toolkit")
-    return {k: state.get(k) for k in ("global_step", "best_metric", "best_step", "nonfinite_run")}
+    return {k: state.get(k) for k in ("global_step", "best_metric", "best_step", "nonfinite_run", "early_stopping")}
 
 
 def load_checkpoint(path: Path, model, identity: dict, optimizer, scheduler, scaler, d: Dist) -> dict:

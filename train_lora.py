@@ -330,6 +330,7 @@ class Trainer:
         base.check_folder(args.checkpoint)  # reads only headers (seconds)
         outdir.check_output_dir(out, resuming=bool(args.resume_from_checkpoint))
         resume = C.find_checkpoint(args.resume_from_checkpoint, out)  # the newest that verifies
+        saved = None
         if resume is not None:
             saved = C.check_resume(resume, labels, args.pooling, lora_spec(args))
             warn_changed_recipe(resume, saved.get("args", {}), args, d.world)
@@ -337,10 +338,11 @@ class Trainer:
         tokenizer = qcd.load_tokenizer(args.checkpoint)
 
         torch.manual_seed(args.seed)  # same head init on every rank
-        model, identity = qcd.build_classifier(args.checkpoint, labels, args.dropout, args.pooling,
-                                               rt.weight_dtype, rt.attn, lora=lora_spec(args))
         with explain_oom("the base model alone does not fit on this GPU: use --bf16 or a smaller Qwen3"):
-            model.to(d.device)
+            model, identity = qcd.build_classifier(args.checkpoint, labels, args.dropout, args.pooling,
+                                                   rt.weight_dtype, rt.attn, lora=lora_spec(args), device=d.device)
+        if saved is not None:  # before anything is written: a checkpoint of another base must not mix with this one
+            base.check_same_base(saved["base"], identity, resume)
         if rt.compile:
             qcd.compile_decoder_layers(model)
         memory_probe(model, args, rt, tokenizer.pad_token_id)
@@ -541,8 +543,7 @@ class Trainer:
         if not (a.test_data or a.merge):
             return 0
         best, tok, best_meta = adapter.load_classifier(a.checkpoint, self.out / "best_model", self.rt.weight_dtype,
-                                                       self.rt.attn)
-        best.to(d.device)
+                                                       self.rt.attn, d.device)
         if a.test_data:
             predictor = Predictor(best, self.rt, tok.pad_token_id, a.max_length)
             m = evaluate(predictor, self.splits["test"], self.labels, a.eval_batch_size * a.max_length, d)

@@ -75,16 +75,18 @@ def is_merged(folder) -> bool:
     return (Path(folder) / "config.json").is_file() and not (Path(folder) / "adapter_config.json").is_file()
 
 
-def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation="sdpa"):
-    """(model, tokenizer, meta) from an adapter folder on top of `checkpoint` (None: the base path the adapter
-    recorded), or from a merged folder. Refuses an adapter whose recorded base differs from the base loaded."""
+def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation="sdpa", device="cpu"):
+    """(model on `device`, tokenizer, meta) from an adapter folder on top of `checkpoint` (None: the base path
+    the adapter recorded), or from a merged folder. Refuses an adapter whose recorded base differs from the base
+    loaded, and non-finite weights anywhere."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--lora_model {folder}: not a folder")
     meta = read_classifier_config(folder)
     if is_merged(folder):
         checkpoint = base.check_folder(folder, flag="--lora_model")
-        backbone = qcd.load_backbone(folder, dtype, attn_implementation, prefix="model.")
+        backbone = qcd.load_backbone(folder, dtype, attn_implementation, prefix="model.").to(device)
+        base.tensor_checksums(backbone, folder)  # refuses NaN/inf weights
         head = _merged_head(folder)
     else:
         missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
@@ -97,11 +99,11 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
                                 "not here: pass --checkpoint (its base model)")
             checkpoint = recorded
         checkpoint = base.check_folder(checkpoint)
-        backbone = qcd.load_backbone(checkpoint, dtype, attn_implementation)
+        backbone = qcd.load_backbone(checkpoint, dtype, attn_implementation).to(device)
         base.check_same_base(meta["base"], base.identity(checkpoint, backbone), folder)
         head = None
     tokenizer = qcd.load_tokenizer(checkpoint)
-    model = qcd.Qwen3Classifier(backbone, len(meta["labels"]), meta.get("dropout", 0.0), meta["pooling"])
+    model = qcd.Qwen3Classifier(backbone, len(meta["labels"]), meta.get("dropout", 0.0), meta["pooling"]).to(device)
     if head is not None:
         _copy_head(model, head, folder / "model.safetensors")
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -59,7 +60,53 @@ def check_folder(path, flag: str = "--checkpoint") -> Path:
     for f in weights:
         if problem := safetensors_problem(f):
             raise UserError(f"{flag} {path}: {problem}; download the model again")
+    check_tensors(path, config, weights, flag)
     return path
+
+
+def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every decoder tensor a Qwen3 config implies, with its shape (names without the "model." prefix)."""
+    try:
+        h, inter, layers = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"])
+        heads, kv = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
+        head_dim, vocab = int(config.get("head_dim") or h // heads), int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"config.json: missing or non-numeric {e} ; is this a Qwen3 config?") from None
+    out = {"embed_tokens.weight": (vocab, h), "norm.weight": (h,)}
+    for i in range(layers):
+        pre = f"layers.{i}."
+        out.update({pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
+                    pre + "self_attn.q_proj.weight": (heads * head_dim, h),
+                    pre + "self_attn.k_proj.weight": (kv * head_dim, h),
+                    pre + "self_attn.v_proj.weight": (kv * head_dim, h),
+                    pre + "self_attn.o_proj.weight": (h, heads * head_dim),
+                    pre + "self_attn.q_norm.weight": (head_dim,), pre + "self_attn.k_norm.weight": (head_dim,),
+                    pre + "mlp.gate_proj.weight": (inter, h), pre + "mlp.up_proj.weight": (inter, h),
+                    pre + "mlp.down_proj.weight": (h, inter)})
+    return out
+
+
+def check_tensors(path: Path, config: dict, weights: list[Path], flag: str) -> None:
+    """Every tensor the config implies is in the files with its shape (read from the headers only): a base
+    missing a layer, or whose config claims more layers than its weights hold, would otherwise train on randomly
+    initialised weights without a word."""
+    found = {}
+    for f in weights:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                found[k.removeprefix("model.")] = tuple(v.get("shape", ()))
+    want = expected_tensors(config)
+    missing = [k for k in want if k not in found]
+    if missing:
+        raise UserError(f"{flag} {path}: {len(missing)} tensor(s) that config.json implies are not in the weights, "
+                        f"e.g. {', '.join(missing[:3])}; the download is incomplete or config.json does not belong "
+                        "to these weights")
+    wrong = [f"{k} {found[k]} (config implies {want[k]})" for k in want if found[k] != want[k]]
+    if wrong:
+        raise UserError(f"{flag} {path}: tensor shapes do not match config.json: {'; '.join(wrong[:3])}")
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -86,10 +133,14 @@ ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_
 
 
 def identity(checkpoint, backbone) -> dict:
-    """What an adapter records about its base: architecture fields, and a checksum of a few weights that
-    tells two checkpoints of the same shape apart (tolerant to the dtype they were loaded in)."""
+    """What an adapter records about its base: architecture fields, a checksum of a few weights (what adapters
+    written before 2026-11-29 hold), and two projections of EVERY tensor (`tensor_checksums`): two bases of the
+    same shape, even one with a single re-randomised layer, differ by ~the norm, while the dtype a base is
+    loaded in moves them by ~0.4% of it. Computed where the model is (a GPU takes it in milliseconds).
+    A non-finite weight anywhere is refused here: such a base gives NaN probabilities."""
     cfg = backbone.config
     arch = {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    tensors = tensor_checksums(backbone, checkpoint)
     with torch.no_grad():
         # a fixed sample of embedding rows and of the last layer's MLP, projected on a fixed +-1 pattern: two
         # random inits differ by ~the norm, while bf16-vs-fp32 rounding moves it by ~0.4% of the norm
@@ -101,7 +152,31 @@ def identity(checkpoint, backbone) -> dict:
         checksum = {"signed_sum": float(sample @ signs), "norm": float(sample.norm())}
     return {"path": redact(str(checkpoint)), "name": Path(str(checkpoint)).name, "architecture": arch,
             "architecture_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
-            "weights_checksum": checksum}
+            "weights_checksum": checksum, "tensor_checksums": tensors}
+
+
+def tensor_checksums(backbone, checkpoint) -> dict[str, list[float]]:
+    """{name: [alternating-sign sum, norm]} of every parameter, accumulated in float64 in chunks (no full
+    float64 copy of a 300M-element embedding)."""
+    out = {}
+    with torch.no_grad():
+        for name, p in backbone.named_parameters():
+            if "lora_" in name:
+                continue
+            flat = p.detach().reshape(-1)
+            alt, sq = torch.zeros((), dtype=torch.float64, device=flat.device), torch.zeros(
+                (), dtype=torch.float64, device=flat.device)
+            for start in range(0, flat.numel(), 1 << 24):
+                chunk = flat[start:start + (1 << 24)].double()
+                sign = 1.0 if start % 2 == 0 else -1.0  # chunks start at even offsets: the pattern continues
+                alt += sign * (chunk[0::2].sum() - chunk[1::2].sum())
+                sq += (chunk * chunk).sum()
+            a, n = float(alt), float(sq.sqrt())
+            if not (math.isfinite(a) and math.isfinite(n)):
+                raise UserError(f"--checkpoint {redact(str(checkpoint))}: weight {name.removeprefix('base_model.model.')}"
+                                " holds NaN or inf values; the base model is damaged: download it again")
+            out[name.removeprefix("base_model.model.")] = [a, n]
+    return out
 
 
 def check_same_base(recorded: dict, actual: dict, adapter) -> None:
@@ -112,7 +187,15 @@ def check_same_base(recorded: dict, actual: dict, adapter) -> None:
         raise UserError(f"{adapter}: trained on a different base model ({recorded['name']}); "
                         f"architecture differs (adapter vs --checkpoint): {diff}")
     a, b = recorded["weights_checksum"], actual["weights_checksum"]
+    differ = []
     if abs(a["signed_sum"] - b["signed_sum"]) > 0.03 * a["norm"] or abs(a["norm"] - b["norm"]) > 0.01 * a["norm"]:
+        differ.append(f"sampled checksum {a['signed_sum']:.4f} vs {b['signed_sum']:.4f}")
+    theirs = recorded.get("tensor_checksums") or {}
+    for name, (alt, norm) in theirs.items():  # adapters written before 2026-11-29 have none: sampled only
+        got = actual["tensor_checksums"].get(name)
+        if got is None or abs(alt - got[0]) > 0.03 * norm + 1e-6 or abs(norm - got[1]) > 0.01 * norm + 1e-6:
+            differ.append(name)
+    if differ:
         raise UserError(f"{adapter}: trained on base {recorded['name']} whose weights differ from --checkpoint "
-                        f"{actual['path']} (checksum {a['signed_sum']:.4f} vs {b['signed_sum']:.4f}); "
+                        f"{actual['path']} ({len(differ)} differ, e.g. {', '.join(differ[:3])}); "
                         "pass the base it was trained on")

@@ -177,9 +177,8 @@ class Classifier:
         args = args or runtime_args(device, precision)
         dev = pick_device(args.device)
         rt = R.resolve(args, dev, world=1, training=False)
-        net, tok, meta = adapter.load_classifier(checkpoint, model, rt.weight_dtype, rt.attn)
+        net, tok, meta = adapter.load_classifier(checkpoint, model, rt.weight_dtype, rt.attn, dev)
         meta = {**meta, "fingerprint": adapter.fingerprint(model)}
-        net.to(dev)
         if rt.compile:
             qcd.compile_decoder_layers(net)
         return cls(net, tok, meta, rt, max_length, max_tokens)

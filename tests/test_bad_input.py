@@ -288,7 +288,7 @@ def test_eval_data_with_labels_the_adapter_lacks(tiny_ckpt, demo_data, tmp_path,
     assert rc == 2 and err.count("\n") == 1
     assert "test.xlsx: unknown extracted_label value(s): '" in err and "'违法违规' in row(s) " in err
     assert f"Known (from the adapter {folder / 'classifier_config.json'}): 0=neg, 1=pos" in err
-    assert not (folder / "eval").exists()
+    assert not (folder / "eval").exists() and not (tmp_path / "adapter_eval").exists()
 
 
 # --- property: the loader against independently stated rules ------------------------------------------------

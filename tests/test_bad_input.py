@@ -7,6 +7,7 @@ file, the rows and the counts. A property-based test checks the loader against r
 import json
 import subprocess
 import sys
+import unicodedata
 
 import pandas as pd
 import pytest
@@ -322,9 +323,10 @@ def text_cell(draw, fmt):
     """(cell value, the text a reader must get, or None: must be reported as empty)."""
     kind = draw(st.sampled_from(["text", "text", "number", "blank"]))
     if kind == "text":
-        t = draw(st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")) | st.sampled_from("\n\t"),
-                         min_size=1, max_size=20))
-        return (t, t) if t.strip() else (t, None)
+        t = draw(st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs"))
+                         | st.sampled_from("\n\t\x01\u200b\u200c\u200d\ufeff\u2028"), min_size=1, max_size=20))
+        visible = any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in t)
+        return (t, t) if visible else (t, None)  # only spaces and invisible characters: empty
     if kind == "number":
         n = draw(st.integers(-10**6, 10**6))
         return (n if fmt == "jsonl" else str(n)), str(n)
@@ -350,15 +352,25 @@ def test_loader_property(tmp_path, case):
     else:
         path.write_text("".join(json.dumps({"text_cn": t, "extracted_label": v}, ensure_ascii=False) + "\n"
                                 for (t, _), (v, _) in rows), encoding="utf-8")
-    shown = (lambda i: i + 2) if fmt == "csv" else (lambda i: i + 1)  # the row a user finds
-    empty = [i for i, ((_, text), _) in enumerate(rows) if text is None]
-    unknown = [i for i, (_, (_, label)) in enumerate(rows) if label is None]
+    # a row with no value at all is skipped, like a blank line; the others keep their line in the file
+    # (a quoted text or label with a line break takes more than one line of a csv)
+    skipped = [t in (None, "") and v is None for (t, _), (v, _) in rows]
+    line, lines = (2, []) if fmt == "csv" else (1, [])
+    for (t, _), (v, _) in rows:
+        lines.append(line)
+        line += 1 + (f"{t}".count("\n") + f"{v}".count("\n") if fmt == "csv" else 0)
+    kept = [i for i in range(len(rows)) if not skipped[i]]
+    shown = lines.__getitem__  # the row a user finds
+    empty = [i for i in kept if rows[i][0][1] is None]
+    unknown = [i for i in kept if rows[i][1][1] is None]
     try:
         split = load_split(path, LABELS)
     except UserError as e:
         msg = str(e)
         assert msg.startswith(f"{path}: ") and "\n" not in msg
-        if empty:
+        if not kept:
+            assert "no data rows" in msg
+        elif empty:
             assert f"empty text_cn in {len(empty)} row(s): " in msg
             listed = msg.split("row(s): ")[1].split(";")[0]
             assert listed.split(" and ")[0] == ", ".join(str(shown(i)) for i in empty[:8])
@@ -366,7 +378,8 @@ def test_loader_property(tmp_path, case):
             assert unknown and "unknown extracted_label value(s)" in msg
             assert all(f" {shown(i)}" in msg for i in unknown[:8]), msg
         return
-    assert not empty and not unknown, "bad rows were accepted"
-    assert split.texts == [text for (_, text), _ in rows]
-    assert split.labels.tolist() == [label for _, (_, label) in rows]
-    assert split.rows.tolist() == list(range(len(rows)))
+    assert kept and not empty and not unknown, "bad rows were accepted"
+    assert split.texts == [rows[i][0][1] for i in kept]
+    assert split.labels.tolist() == [rows[i][1][1] for i in kept]
+    assert split.rows.tolist() == list(range(len(kept)))
+    assert split.where(range(len(kept))).split(" and ")[0] == ", ".join(str(shown(i)) for i in kept[:8])

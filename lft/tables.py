@@ -354,10 +354,10 @@ def _read_parquet(path: Path):
     _need("pyarrow", f"reading {path}")
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    names = list(table.column_names)
+    names = list(pq.read_schema(path).names)
     if len(set(names)) < len(names):
         return names, [], []  # the header check names the duplicate
+    table = pq.read_table(path)
     columns = [[_cell(v) for v in table.column(n).to_pandas().astype(object).tolist()] for n in names]
     rows = [list(r) for r in zip(*columns)] if columns else []
     return names, rows, list(range(1, len(rows) + 1))

@@ -383,3 +383,49 @@ def test_loader_property(tmp_path, case):
     assert split.labels.tolist() == [rows[i][1][1] for i in kept]
     assert split.rows.tolist() == list(range(len(kept)))
     assert split.where(range(len(kept))).split(" and ")[0] == ", ".join(str(shown(i)) for i in kept[:8])
+
+
+# --- missing is missing, invisible is empty, rows are the file's lines ---------------------------------------
+
+def _load_error(path) -> str:
+    with pytest.raises(UserError) as e:
+        load_split(path)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_missing_texts_in_parquet_are_empty_not_the_text_NA(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"  # pandas' NA in a string column was read as the text "<NA>"
+    pq.write_table(pa.table({"text_cn": pa.array(["好的", None, "坏的"], pa.string()),
+                             "extracted_label": ["正常", "正常", "暴恐"]}), path)
+    assert _load_error(path) == f"{path}: empty text_cn in 1 row(s): 2; fill or delete those rows"
+    df = pd.DataFrame({"text_cn": pd.array(["好的", pd.NA, "x"], dtype="string"), "extracted_label": ["正常"] * 3})
+    df.to_parquet(path)
+    assert _load_error(path) == f"{path}: empty text_cn in 1 row(s): 2; fill or delete those rows"
+
+
+def test_texts_of_only_invisible_characters_are_empty(tmp_path):
+    path = tmp_path / "t.jsonl"
+    rows = [("好的", "正常"), ("\u200b\u200c", "正常"), ("\x01", "暴恐"), ("\ufeff \u2028", "正常"), ("a\u200b", "正常")]
+    path.write_text("".join(json.dumps({"text_cn": t, "extracted_label": v}) + "\n" for t, v in rows),
+                    encoding="utf-8")
+    assert _load_error(path) == f"{path}: empty text_cn in 3 row(s): 2, 3, 4; fill or delete those rows (3 of them " \
+                                "hold only invisible characters, e.g. '\\u200b\\u200c')"
+
+
+def test_csv_errors_and_warnings_name_the_file_lines(tmp_path):
+    """Blank lines and multi-line texts: the rows named are the lines an editor shows."""
+    path = tmp_path / "t.csv"
+    path.write_text('text_cn,extracted_label\n\n好的,正常\n"两行\n文本",正常\n\n坏的,色情\n123,暴恐\n', encoding="utf-8")
+    assert _load_error(path).startswith(f"{path}: unknown extracted_label value(s): '色情' in row(s) 7. ")
+    path.write_text('text_cn,extracted_label\n\n好的,正常\n"两行\n文本",正常\n\n123,暴恐\n', encoding="utf-8")
+    split = load_split(path)
+    assert split.texts == ["好的", "两行\n文本", "123"] and split.where([0, 1, 2]) == "3, 4, 7"
+    path = tmp_path / "t.jsonl"
+    path.write_text('\n{"text_cn": "好的", "extracted_label": "正常"}\n\n{"text_cn": 123, "extracted_label": "暴恐"}\n',
+                    encoding="utf-8")
+    assert load_split(path).notes == [f"{path}: 1 text_cn value(s) are numbers or dates, not text (rows 4); they "
+                                      "are used as written, e.g. '123'"]

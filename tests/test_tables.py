@@ -56,7 +56,7 @@ def test_xlsx_formula_text_is_a_string_cell(tmp_path):
     assert [(c.value, c.data_type) for c in ws["A"][1:]] == [("=1+1", "s"), ("=cmd|' /C calc'!A0", "s")]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fmt=st.sampled_from(FORMATS), values=st.lists(texts, min_size=1, max_size=8))
 @example(fmt="xlsx", values=["_x0007_\x07"])
 def test_property_any_text_round_trips_unchanged(tmp_path, fmt, values):
@@ -206,3 +206,14 @@ def test_zip_bomb_workbook_is_refused_before_unpacking(tmp_path):
     msg = error(path)
     assert time.time() - t < 2
     assert msg.startswith(f"{path}: part xl/worksheets/sheet1.xml unpacks ") and "x (more than 200x: a zip bomb" in msg
+
+
+def test_text_longer_than_an_excel_cell_is_an_error_before_writing(tmp_path):
+    long = "长" * 32_768
+    with pytest.raises(UserError) as e:
+        write_table(pd.DataFrame({"text_cn": ["短", long]}), tmp_path / "t.xlsx")
+    assert str(e.value) == f"{tmp_path / 't.xlsx'}: 'text_cn' in row 3 has 32,768 characters, more than an Excel " \
+                           "cell holds (32,767); write .csv, .jsonl or .parquet instead"
+    assert list(tmp_path.iterdir()) == []
+    write_table(pd.DataFrame({"text_cn": ["短", long]}), tmp_path / "t.csv")
+    assert read_table(tmp_path / "t.csv")["text_cn"].tolist() == ["短", long]

@@ -584,7 +584,10 @@ def test_demo_server_stops_its_database_on_sigterm(tmp_path):
             if line.startswith("serving until Ctrl-C"):
                 break
         storage = Path(re.search(r"; storage (\S+)$", lines[0].strip()).group(1))
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # it serves
+        from pymongo import MongoClient
+
+        with MongoClient("127.0.0.1", port, serverSelectionTimeoutMS=5000) as client:
+            client.admin.command("ping")  # it serves
         assert storage.exists()
         demo.send_signal(signal.SIGTERM)
         rest = demo.communicate(timeout=60)[0]

@@ -170,7 +170,7 @@ def _read_xlsx(path: Path):
             for idx, cells in parser.parse():
                 values = {}
                 for c in cells:
-                    value = c["value"]
+                    value = None if c["data_type"] == "e" else c["value"]  # a formula's error (#N/A, #REF!): no value
                     if isinstance(value, str):
                         value = _XLSX_ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), value)
                     value = _cell(value)
@@ -234,14 +234,13 @@ def _write_xlsx(df: pd.DataFrame, path: Path, tmp: Path) -> None:
     wb = Workbook(write_only=True)
     ws = wb.create_sheet()
 
+    def text(value):
+        cell = WriteOnlyCell(ws, value=value)
+        cell.data_type = "s"  # text, even when it starts with "=": never a live formula
+        return cell
+
     def row(values):
-        cells = []
-        for v in values:
-            c = WriteOnlyCell(ws, value=v)
-            if isinstance(v, str):
-                c.data_type = "s"  # text, even when it starts with "=": never a live formula
-            cells.append(c)
-        return cells
+        return [text(v) if isinstance(v, str) else v for v in values]
 
     ws.append(row(header))
     for values in zip(*columns):

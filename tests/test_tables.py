@@ -161,6 +161,14 @@ def _patch_sheet(src, dst, extra_rows: str, dimension: str | None = None, pad: i
             zout.writestr(item, data)
 
 
+def test_xlsx_error_cells_are_missing_but_the_text_NA_is_text(tmp_path):
+    write_table(pd.DataFrame({"text_cn": ["#N/A"], "n": [1]}), tmp_path / "ok.xlsx")
+    path = tmp_path / "t.xlsx"
+    _patch_sheet(tmp_path / "ok.xlsx", path, '<row r="3"><c r="A3" t="e"><v>#N/A</v></c><c r="B3"><v>2</v></c></row>')
+    df, where = read_table_rows(path)
+    assert df.values.tolist() == [["#N/A", 1], [None, 2]] and where == [2, 3]
+
+
 BOMB = """
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a dense 1M x 16k grid cannot fit

@@ -34,14 +34,17 @@ import getpass
 import hashlib
 import heapq
 import json
+import math
 import os
 import random
 import re
 import sys
 import time
 import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lft.common import ArgumentParser, UserError, display_width, redact, run_cli
 from lft.labels import DEFAULT_LABELS, clean_label
@@ -51,7 +54,7 @@ TEXT_COLUMN, LABEL_COLUMN = "text_cn", "extracted_label"  # what train_lora.py r
 SCAN_BATCH = 1000        # documents per getMore while streaming _id + text + labels
 FETCH_CHUNK = 100        # _ids per `$in` when fetching the other fields: `$in` slows down with long lists
 SOCKET_TIMEOUT_S = 300   # a query may scan a large unindexed collection before its first batch
-_ILLEGAL_XLSX = re.compile(r"[\000-\010\013\014\016-\037]")  # control characters openpyxl refuses
+MAX_TIMEOUT_S = 86_400   # --timeout: a day; pymongo needs a finite number of milliseconds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,6 +122,19 @@ def parse_quotas(spec: str, any_label: bool) -> tuple[dict[str, int], list[str]]
     return quotas, problems
 
 
+def output_problems(output) -> list[str]:
+    """The output file must be a file we can create: found now, not after the export."""
+    path = Path(output)
+    if path.is_dir():
+        return [f"-o/--output {output} is a folder; give a file name, e.g. {path / 'export'}{path.suffix or '.xlsx'}"]
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return [f"-o/--output {output}: {parent} is a file, not a folder"]
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        return [f"-o/--output {output}: no permission to write in {parent}"]
+    return []
+
+
 def check_args(args) -> tuple[dict[str, int], list[str]]:
     """Every problem with the flags, reported at once before anything connects."""
     problems, quotas = [], {}
@@ -131,6 +147,8 @@ def check_args(args) -> tuple[dict[str, int], list[str]]:
             problems += more
         if not args.output:
             problems.append("give the output file with -o/--output (.xlsx, .csv, .jsonl or .parquet)")
+        elif output_problems(args.output):
+            problems += output_problems(args.output)
         else:
             try:
                 fmt = table_format(args.output)
@@ -144,11 +162,22 @@ def check_args(args) -> tuple[dict[str, int], list[str]]:
         problems.append("--seed only applies to a --random sample; add --random")
     if args.uri and (args.host or args.port):
         problems.append("give either --uri or --host/--port, not both")
-    if args.uri and re.match(r"^[a-z+]+://[^/?#]*@", args.uri, re.I):
+    # a host has no "@": one anywhere before the query means user:password@ (the password may hold "/")
+    if args.uri and re.match(r"^[a-z][a-z0-9+.-]*:/+[^?#]*@", args.uri, re.I):
         problems.append("--uri must not carry credentials: put the user in -u/--username and the password in "
                         "the environment variable MONGO_PASSWORD")
-    if args.timeout <= 0:
-        problems.append("--timeout must be > 0 seconds")
+    if args.host and ("://" in args.host or "@" in args.host):  # pymongo takes a whole URI here, credentials too
+        problems.append("--host takes a host name or address (e.g. db.internal), not a connection string or "
+                        "user:password@host: a connection string goes in --uri, the user in -u/--username and "
+                        "the password in MONGO_PASSWORD")
+    if args.port is not None and not 1 <= args.port <= 65535:
+        problems.append(f"--port must be between 1 and 65535, got {args.port}")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
+        problems.append(f"--timeout must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:,}, got {args.timeout}")
+    for flag, value in (("--db", args.db), ("-c/--collection", args.collection), ("--label-field", args.label_field),
+                        ("--text-field", args.text_field), ("--auth-database", args.auth_database)):
+        if value is not None and not value.strip():
+            problems.append(f"{flag} must not be empty")
     if problems:
         raise UserError("; ".join(problems))
     return quotas, fields
@@ -170,7 +199,7 @@ def read_password(args) -> str | None:
 
 
 def server_name(args) -> str:
-    return redact(args.uri) if args.uri else f"{args.host or 'localhost'}:{args.port or 27017}"
+    return redact(args.uri if args.uri else f"{args.host or 'localhost'}:{args.port or 27017}")
 
 
 def connect(args, password):
@@ -183,9 +212,15 @@ def connect(args, password):
         kw.update(username=args.username, password=password)
         if args.auth_database:
             kw["authSource"] = args.auth_database
-    if args.uri:
-        return MongoClient(args.uri, **kw)
-    return MongoClient(args.host or "localhost", args.port or 27017, **kw)
+    try:
+        with warnings.catch_warnings():  # pymongo only warns about an unknown or invalid --uri option, and drops it
+            warnings.simplefilter("error", UserWarning)
+            if args.uri:
+                return MongoClient(args.uri, **kw)
+            return MongoClient(args.host or "localhost", args.port or 27017, **kw)
+    except (ValueError, TypeError, OSError, UserWarning) as e:  # option checks that are not PyMongoErrors
+        raise UserError(f"cannot use the connection settings for {server_name(args)} ({redact(str(e))}); check "
+                        "--uri (or --host/--port)") from None
 
 
 def mongo_error(e: Exception, args) -> UserError:
@@ -449,16 +484,6 @@ def build_table(choice: Choice, fields: list[str], args, fetched: dict):
     return pd.DataFrame(data, columns=columns)
 
 
-def check_excel_cells(df, path) -> None:
-    if table_format(path) != ".xlsx":
-        return
-    for name in df.columns:
-        bad = [i for i, v in enumerate(df[name]) if isinstance(v, str) and _ILLEGAL_XLSX.search(v)]
-        if bad:
-            raise UserError(f"{path}: {len(bad)} value(s) of {name} contain control characters Excel cannot "
-                            f"store (first in row {bad[0] + 2}); write .csv, .jsonl or .parquet instead")
-
-
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     table = [header] + rows
     widths = [max(display_width(r[i]) for r in table) for i in range(len(header))]
@@ -523,8 +548,9 @@ def main(argv=None) -> int:
         print(f"seed {seed} (chosen at random; pass --seed {seed} to repeat this sample)")
     password = read_password(args)
 
-    client = connect(args, password)
+    client = None
     try:
+        client = connect(args, password)
         others = [f for f in fields if f not in (TEXT_COLUMN, LABEL_COLUMN, "_id", args.text_field,
                                                  args.label_field)]
         need = [(args.label_field, "--label-field")]
@@ -546,7 +572,8 @@ def main(argv=None) -> int:
     except PyMongoError as e:
         raise mongo_error(e, args) from None
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
     short = report(choice, quotas)
     if short and args.strict:
@@ -556,8 +583,10 @@ def main(argv=None) -> int:
     if not choice.rows:
         raise UserError(f"no document of {args.db}.{args.collection} matched the quotas; nothing written")
     df = build_table(choice, fields, args, fetched)
-    check_excel_cells(df, args.output)
-    write_table(df, args.output)
+    try:
+        write_table(df, args.output)
+    except OSError as e:  # atomic: nothing is left behind
+        raise UserError(f"cannot write {args.output}: {e.strerror or e}; nothing was written") from None
     print(f"wrote {len(df):,} rows x {len(df.columns)} columns ({', '.join(df.columns)}) to {args.output} "
           f"in {time.time() - t0:.1f} s")
     return 0

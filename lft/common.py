@@ -109,15 +109,26 @@ def write_json(path, obj) -> None:
         tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-# scheme:/+ also catches a URI that went through Path() ("mongodb:/user:pw@host": Path folds the "//")
-_URI_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*:/+)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
-_KEY_SECRETS = re.compile(r"(?i)\b(?P<key>password|passwd|pwd|secret|token|api_?key)=(?P<value>[^&;\s]+)")
+# scheme:/+ also catches a URI that went through Path() ("mongodb:/user:pw@host": Path folds the "//"). The
+# password is everything up to the token's last "@" (a host has none), so a password may hold "/", ":" or "@".
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*:/+)(?P<user>[^:/\s]+):(?P<pw>\S*)@")
+# any key that ends in a secret's name (MONGO_PASSWORD, db_pwd, tlsCertificateKeyFilePassword, GITHUB_TOKEN,
+# x-api-key), as k=v, k: v, "k": "v" or 'k': 'v'; the value is quoted text or runs to a space, "&" or ";"
+_KEY_SECRETS = re.compile(
+    r"""(?i)(?<![a-z0-9])(?P<key>[a-z0-9_.-]*(?:password|passwd|pwd|secret|token|api[_-]?key))"""
+    r"""(?P<sep>["']?\s*[:=]\s*)(?P<value>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s&;]+)""")
 
 
 def redact(text: str) -> str:
-    """Hide the password in any `scheme://user:password@host` and any `password=...`-style pair in `text`."""
+    """Hide the password in any `scheme://user:password@host` and the value of any `*password=...`,
+    `*_token: ...`, `"*secret": "..."`-style pair in `text`."""
     text = _URI_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
-    return _KEY_SECRETS.sub(lambda m: f"{m['key']}=***", text)
+
+    def hide(m):
+        quote = m["value"][0] if m["value"][0] in "\"'" else ""
+        return f"{m['key']}{m['sep']}{quote}***{quote}"
+
+    return _KEY_SECRETS.sub(hide, text)
 
 
 def display_width(text: str) -> int:

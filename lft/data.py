@@ -6,7 +6,6 @@ communicated or saved: resuming only needs the step number.
 """
 from __future__ import annotations
 
-import math
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,19 +14,22 @@ import numpy as np
 import torch
 
 from .common import UserError
-from .tables import read_table
+from .tables import is_missing, read_table_rows
 
 from .labels import DEFAULT_LABELS, clean_label, parse_labels  # noqa: F401  (re-exported)
 
 
-def _row_name(path: Path, i: int) -> int:
-    """The row number a user sees for 0-based data row i: spreadsheet/csv rows count the header line."""
+def _row_name(path: Path, i: int, lines=None) -> int:
+    """The row number a user sees for 0-based data row i: the file's line (csv, jsonl) or sheet row (xlsx), as
+    read_table_rows found it (blank lines and multi-line texts counted); without it, header + i."""
+    if lines is not None:
+        return int(lines[i])
     return i + 2 if path.suffix.lower() in (".xlsx", ".csv") else i + 1
 
 
-def _rows(path: Path, idx, limit: int = 8) -> str:
+def _rows(path: Path, idx, limit: int = 8, lines=None) -> str:
     idx = list(idx)
-    shown = ", ".join(str(_row_name(path, i)) for i in idx[:limit])
+    shown = ", ".join(str(_row_name(path, i, lines)) for i in idx[:limit])
     return shown + (f" and {len(idx) - limit} more" if len(idx) > limit else "")
 
 
@@ -40,6 +42,7 @@ class Split:
     n_truncated: int = 0
     rows: np.ndarray | None = None  # each text's 0-based data row in the file (kept through --dedup)
     notes: list[str] = field(default_factory=list)  # warnings for the log: the run is right, but look
+    lines: list[int] | None = None  # the file line / sheet row of each data row (indexed like `rows`' values)
 
     def __post_init__(self):
         if self.rows is None:
@@ -50,12 +53,13 @@ class Split:
 
     def where(self, idx) -> str:
         """The file rows of texts `idx`, as a user finds them (header line counted)."""
-        return _rows(self.path, [int(self.rows[i]) for i in idx])
+        return _rows(self.path, [int(self.rows[i]) for i in idx], lines=self.lines)
 
     def subset(self, keep) -> "Split":
         keep = list(keep)
         return Split(self.path, [self.texts[i] for i in keep], self.labels[keep],
-                     [self.input_ids[i] for i in keep] if self.input_ids else [], 0, self.rows[keep], self.notes)
+                     [self.input_ids[i] for i in keep] if self.input_ids else [], 0, self.rows[keep], self.notes,
+                     self.lines)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -89,7 +93,15 @@ def _missing_columns(path: Path, df, missing: list[str]) -> str:
 
 
 def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """None, NaN, pd.NA, NaT: never the text "<NA>" or "NaT"."""
+    return is_missing(value)
+
+
+def _is_blank(value) -> bool:
+    """No visible character: empty, missing, or only spaces, control and format characters (U+200B zero-width
+    space, U+200C/D joiners, U+FEFF, U+0001 ...), which a tokenizer would turn into a text the user never saw."""
+    return _is_missing(value) or all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp")
+                                     for c in str(value))
 
 
 def _as_text(value) -> str:
@@ -106,7 +118,11 @@ def load_split(path, labels=DEFAULT_LABELS, text_column="text_cn", label_column=
     Errors (the run could not be right): no rows, a missing column, an empty or NaN text, an unknown label.
     Notes (the run is right, but look): texts stored as numbers, label ids mixed with label names."""
     path = Path(path)
-    df = read_table(path)
+    df, lines = read_table_rows(path)
+
+    def where(idx) -> str:  # rows as a user finds them: the file's own line numbers (blank lines counted)
+        return _rows(path, idx, lines=lines)
+
     if len(df) == 0:
         raise UserError(f"{path}: no data rows (only a header, or an empty sheet)")
     need = [text_column] + ([label_column] if require_labels else [])
@@ -115,19 +131,22 @@ def load_split(path, labels=DEFAULT_LABELS, text_column="text_cn", label_column=
         raise UserError(_missing_columns(path, df, missing))
 
     raw_texts = df[text_column].tolist()
-    bad = [i for i, t in enumerate(raw_texts) if _is_missing(t) or not str(t).strip()]
+    bad = [i for i, t in enumerate(raw_texts) if _is_blank(t)]
     if bad:
-        raise UserError(f"{path}: empty {text_column} in {len(bad)} row(s): {_rows(path, bad)}; "
-                        "fill or delete those rows")
+        invisible = [raw_texts[i] for i in bad if not _is_missing(raw_texts[i]) and str(raw_texts[i]).strip()]
+        hint = (f" ({len(invisible)} of them hold only invisible characters, e.g. {invisible[0]!r})"
+                if invisible else "")
+        raise UserError(f"{path}: empty {text_column} in {len(bad)} row(s): {where(bad)}; "
+                        f"fill or delete those rows{hint}")
     texts = [_as_text(t) for t in raw_texts]
     notes = []
     numeric = [i for i, t in enumerate(raw_texts) if not isinstance(t, str)]
     if numeric:
         notes.append(f"{path}: {len(numeric)} {text_column} value(s) are numbers or dates, not text (rows "
-                     f"{_rows(path, numeric)}); they are used as written, e.g. {texts[numeric[0]]!r}")
+                     f"{where(numeric)}); they are used as written, e.g. {texts[numeric[0]]!r}")
 
     if not require_labels:
-        return Split(path, texts, np.full(len(texts), -1, dtype=np.int64), notes=notes)
+        return Split(path, texts, np.full(len(texts), -1, dtype=np.int64), notes=notes, lines=lines)
     by_name = {name: i for i, name in enumerate(labels)}
     ids, unknown, as_id, as_name = np.empty(len(df), dtype=np.int64), {}, [], []
     for i, value in enumerate(df[label_column].tolist()):
@@ -143,15 +162,15 @@ def load_split(path, labels=DEFAULT_LABELS, text_column="text_cn", label_column=
         else:
             unknown.setdefault(key or "(empty)", []).append(i)
     if unknown:
-        parts = "; ".join(f"{value!r} in row(s) {_rows(path, rows)}" for value, rows in unknown.items())
+        parts = "; ".join(f"{value!r} in row(s) {where(rows)}" for value, rows in unknown.items())
         raise UserError(f"{path}: unknown {label_column} value(s): {parts}. "
                         f"Known (from {labels_from}): {', '.join(f'{i}={n}' for i, n in enumerate(labels))}; "
                         "fix those rows or the label list")
     if as_id and as_name:
-        notes.append(f"{path}: {label_column} mixes label ids ({len(as_id)} rows, e.g. row {_rows(path, as_id[:1])}) "
+        notes.append(f"{path}: {label_column} mixes label ids ({len(as_id)} rows, e.g. row {where(as_id[:1])}) "
                      f"and names ({len(as_name)} rows); ids are read in {labels_from} order: "
                      f"{', '.join(f'{i}={n}' for i, n in enumerate(labels))}")
-    return Split(path, texts, ids, notes=notes)
+    return Split(path, texts, ids, notes=notes, lines=lines)
 
 
 def _text_key(text: str) -> str:

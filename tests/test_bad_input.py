@@ -7,6 +7,7 @@ file, the rows and the counts. A property-based test checks the loader against r
 import json
 import subprocess
 import sys
+import unicodedata
 
 import pandas as pd
 import pytest
@@ -323,9 +324,10 @@ def text_cell(draw, fmt):
     """(cell value, the text a reader must get, or None: must be reported as empty)."""
     kind = draw(st.sampled_from(["text", "text", "number", "blank"]))
     if kind == "text":
-        t = draw(st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")) | st.sampled_from("\n\t"),
-                         min_size=1, max_size=20))
-        return (t, t) if t.strip() else (t, None)
+        t = draw(st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs"))
+                         | st.sampled_from("\n\t\x01\u200b\u200c\u200d\ufeff\u2028"), min_size=1, max_size=20))
+        visible = any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in t)
+        return (t, t) if visible else (t, None)  # only spaces and invisible characters: empty
     if kind == "number":
         n = draw(st.integers(-10**6, 10**6))
         return (n if fmt == "jsonl" else str(n)), str(n)
@@ -351,15 +353,25 @@ def test_loader_property(tmp_path, case):
     else:
         path.write_text("".join(json.dumps({"text_cn": t, "extracted_label": v}, ensure_ascii=False) + "\n"
                                 for (t, _), (v, _) in rows), encoding="utf-8")
-    shown = (lambda i: i + 2) if fmt == "csv" else (lambda i: i + 1)  # the row a user finds
-    empty = [i for i, ((_, text), _) in enumerate(rows) if text is None]
-    unknown = [i for i, (_, (_, label)) in enumerate(rows) if label is None]
+    # a row with no value at all is skipped, like a blank line; the others keep their line in the file
+    # (a quoted text or label with a line break takes more than one line of a csv)
+    skipped = [t in (None, "") and v is None for (t, _), (v, _) in rows]
+    line, lines = (2, []) if fmt == "csv" else (1, [])
+    for (t, _), (v, _) in rows:
+        lines.append(line)
+        line += 1 + (f"{t}".count("\n") + f"{v}".count("\n") if fmt == "csv" else 0)
+    kept = [i for i in range(len(rows)) if not skipped[i]]
+    shown = lines.__getitem__  # the row a user finds
+    empty = [i for i in kept if rows[i][0][1] is None]
+    unknown = [i for i in kept if rows[i][1][1] is None]
     try:
         split = load_split(path, LABELS)
     except UserError as e:
         msg = str(e)
         assert msg.startswith(f"{path}: ") and "\n" not in msg
-        if empty:
+        if not kept:
+            assert "no data rows" in msg
+        elif empty:
             assert f"empty text_cn in {len(empty)} row(s): " in msg
             listed = msg.split("row(s): ")[1].split(";")[0]
             assert listed.split(" and ")[0] == ", ".join(str(shown(i)) for i in empty[:8])
@@ -367,7 +379,54 @@ def test_loader_property(tmp_path, case):
             assert unknown and "unknown extracted_label value(s)" in msg
             assert all(f" {shown(i)}" in msg for i in unknown[:8]), msg
         return
-    assert not empty and not unknown, "bad rows were accepted"
-    assert split.texts == [text for (_, text), _ in rows]
-    assert split.labels.tolist() == [label for _, (_, label) in rows]
-    assert split.rows.tolist() == list(range(len(rows)))
+    assert kept and not empty and not unknown, "bad rows were accepted"
+    assert split.texts == [rows[i][0][1] for i in kept]
+    assert split.labels.tolist() == [rows[i][1][1] for i in kept]
+    assert split.rows.tolist() == list(range(len(kept)))
+    assert split.where(range(len(kept))).split(" and ")[0] == ", ".join(str(shown(i)) for i in kept[:8])
+
+
+# --- missing is missing, invisible is empty, rows are the file's lines ---------------------------------------
+
+def _load_error(path) -> str:
+    with pytest.raises(UserError) as e:
+        load_split(path)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_missing_texts_in_parquet_are_empty_not_the_text_NA(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"  # pandas' NA in a string column was read as the text "<NA>"
+    pq.write_table(pa.table({"text_cn": pa.array(["好的", None, "坏的"], pa.string()),
+                             "extracted_label": ["正常", "正常", "暴恐"]}), path)
+    assert _load_error(path) == f"{path}: empty text_cn in 1 row(s): 2; fill or delete those rows"
+    df = pd.DataFrame({"text_cn": pd.array(["好的", pd.NA, "x"], dtype="string"), "extracted_label": ["正常"] * 3})
+    df.to_parquet(path)
+    assert _load_error(path) == f"{path}: empty text_cn in 1 row(s): 2; fill or delete those rows"
+
+
+def test_texts_of_only_invisible_characters_are_empty(tmp_path):
+    path = tmp_path / "t.jsonl"
+    rows = [("好的", "正常"), ("\u200b\u200c", "正常"), ("\x01", "暴恐"), ("\ufeff \u2028", "正常"), ("a\u200b", "正常")]
+    path.write_text("".join(json.dumps({"text_cn": t, "extracted_label": v}) + "\n" for t, v in rows),
+                    encoding="utf-8")
+    assert _load_error(path) == f"{path}: empty text_cn in 3 row(s): 2, 3, 4; fill or delete those rows (3 of them " \
+                                "hold only invisible characters, e.g. '\\u200b\\u200c')"
+
+
+def test_csv_errors_and_warnings_name_the_file_lines(tmp_path):
+    """Blank lines and multi-line texts: the rows named are the lines an editor shows."""
+    path = tmp_path / "t.csv"
+    path.write_text('text_cn,extracted_label\n\n好的,正常\n"两行\n文本",正常\n\n坏的,色情\n123,暴恐\n', encoding="utf-8")
+    assert _load_error(path).startswith(f"{path}: unknown extracted_label value(s): '色情' in row(s) 7. ")
+    path.write_text('text_cn,extracted_label\n\n好的,正常\n"两行\n文本",正常\n\n123,暴恐\n', encoding="utf-8")
+    split = load_split(path)
+    assert split.texts == ["好的", "两行\n文本", "123"] and split.where([0, 1, 2]) == "3, 4, 7"
+    path = tmp_path / "t.jsonl"
+    path.write_text('\n{"text_cn": "好的", "extracted_label": "正常"}\n\n{"text_cn": 123, "extracted_label": "暴恐"}\n',
+                    encoding="utf-8")
+    assert load_split(path).notes == [f"{path}: 1 text_cn value(s) are numbers or dates, not text (rows 4); they "
+                                      "are used as written, e.g. '123'"]

@@ -37,6 +37,9 @@ N_POL_MULTI = 60     # 政治安全 documents that also carry 暴恐
 N_PORN_MULTI = 200   # 色情低俗 documents that also carry 违法违规
 N_DUP_NORMAL = 30    # 正常 texts stored twice (one with surrounding spaces)
 N_NO_TEXT = 7        # 正常 documents without a usable text
+# texts that .xlsx once turned into something else: a control character (refused), a formula (a live cell),
+# NA spellings (read back as empty), Excel's own escape written literally
+SPECIAL_TEXTS = ["带控制字符\x07的文本", '=HYPERLINK("http://example.invalid","点我")', "NA", "#N/A", "_x0007_字面", "+1"]
 
 
 def build_documents() -> list[dict]:
@@ -62,7 +65,7 @@ def build_documents() -> list[dict]:
         rows.append({"text_cn": text, "n_labels": "违法违规"})
     rows += [{"n_labels": ["正常"]}] * 4 + [{"text_cn": "  ", "n_labels": "正常"}] * 3
     rows += [{"text_cn": f"其他类文本{i}", "n_labels": ["其他"]} for i in range(25)]
-    rows.append({"text_cn": "带控制字符\x07的文本", "n_labels": "特殊"})
+    rows += [{"text_cn": text, "n_labels": "特殊"} for text in SPECIAL_TEXTS]
     docs = []
     for i, row in enumerate(rows):
         doc = dict(row)
@@ -355,6 +358,36 @@ def test_full_width_quota_syntax_is_accepted(server, tmp_path, env):
     assert df["extracted_label"].value_counts().to_dict() == {"正常": 3, "暴恐": 2}
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "nan"], "--timeout must be a number of seconds > 0 and at most 86,400, got nan"),
+    (["--timeout", "inf"], "--timeout must be a number of seconds > 0 and at most 86,400, got inf"),
+    (["--timeout", "-1"], "--timeout must be a number of seconds > 0 and at most 86,400, got -1.0"),
+    (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+    (["--auth-database", " ", "-u", "x"], "--auth-database must not be empty"),
+    (["--db", ""], "--db must not be empty"),
+    (["--uri", "mongodb://127.0.0.1:1/?bogusOption=1&tlsCertificateKeyFilePassword=K3Y"],
+     "cannot use the connection settings for mongodb://127.0.0.1:1/?bogusOption=1&tlsCertificateKeyFilePassword=*** "
+     "(Unknown option: bogusoption."),
+    (["--uri", "mongodb://127.0.0.1:1/?tls=true&tlsCertificateKeyFile=/nonexistent.pem&"
+      "tlsCertificateKeyFilePassword=K3Y"], "tlsCertificateKeyFilePassword=*** ([Errno 2] No such file or directory"),
+])
+def test_flag_values_that_tracebacked_are_one_line_errors(tmp_path, env, capsys, flags, message):
+    out = tmp_path / "out" / "x.xlsx"
+    out.parent.mkdir()
+    err = fail(flags + ["-l", "正常:5", "-o", str(out)], capsys, out)
+    assert message in err and "K3Y" not in err, err
+
+
+def test_output_that_cannot_be_a_file_is_refused_before_connecting(tmp_path, capsys):
+    (tmp_path / "folder.xlsx").mkdir()
+    (tmp_path / "file").write_text("x")
+    err = fail(["--port", "1", "-l", "正常:5", "-o", str(tmp_path / "folder.xlsx")], capsys)
+    assert err == f"error: -o/--output {tmp_path / 'folder.xlsx'} is a folder; give a file name, e.g. " \
+                  f"{tmp_path / 'folder.xlsx' / 'export.xlsx'}\n"
+    err = fail(["--port", "1", "-l", "正常:5", "-o", str(tmp_path / "file" / "x.csv")], capsys)
+    assert err == f"error: -o/--output {tmp_path / 'file' / 'x.csv'}: {tmp_path / 'file'} is a file, not a folder\n"
+
+
 def test_several_flag_problems_reported_at_once(tmp_path, capsys):
     err = fail(["-l", "正常:x", "--seed", "3", "-o", str(tmp_path / "a.txt")], capsys)
     assert "count for 正常" in err and "unsupported file type .txt" in err and "--seed only applies" in err
@@ -411,10 +444,18 @@ def test_excel_limits(server, tmp_path, env, capsys):
     out.parent.mkdir()
     err = fail(server.argv + ["-l", "正常:1048576", "-o", str(out)], capsys, out)
     assert "the quotas total 1,048,576 rows, more than Excel's limit of 1,048,575" in err
-    err = fail(server.argv + ["-l", "特殊:1", "--any-label", "-o", str(out)], capsys, out)
-    assert "contain control characters Excel cannot store" in err
-    df = export(server, tmp_path / "ok.jsonl", "-l", "特殊:1", "--any-label")
-    assert list(df["text_cn"]) == ["带控制字符\x07的文本"]
+
+
+@pytest.mark.parametrize("suffix", ["xlsx", "csv", "jsonl", "parquet"])
+def test_every_text_is_exported_exactly_as_stored(server, tmp_path, env, suffix):
+    """Control characters, formulas, NA spellings: the file holds the text, and reading it gives it back."""
+    df = export(server, tmp_path / f"s.{suffix}", "-l", f"特殊:{len(SPECIAL_TEXTS)}", "--any-label")
+    assert sorted(df["text_cn"]) == sorted(SPECIAL_TEXTS)
+    if suffix == "xlsx":
+        import openpyxl
+
+        cells = [c for c in openpyxl.load_workbook(tmp_path / "s.xlsx").active["A"][1:]]
+        assert {c.data_type for c in cells} == {"s"}  # strings, never a formula
 
 
 def test_uri_is_used_and_never_carries_the_password(server, tmp_path, env, capsys):
@@ -426,6 +467,20 @@ def test_uri_is_used_and_never_carries_the_password(server, tmp_path, env, capsy
     err = fail(["--uri", f"mongodb://{USER}:{PASSWORD}@127.0.0.1:{server.port}/", "-l", "正常:5", "-o", str(out)],
                capsys, out)
     assert "--uri must not carry credentials" in err and PASSWORD not in err
+    err = fail(["--uri", f"mongodb://{USER}:pa/ss@127.0.0.1:{server.port}/", "-l", "正常:5", "-o", str(out)],
+               capsys, out)  # a "/" in the password
+    assert "--uri must not carry credentials" in err and "pa/ss" not in err
+
+
+def test_host_with_credentials_is_refused_and_never_printed(server, tmp_path, env, capsys):
+    """pymongo takes a whole URI as the host: credentials there bypassed the --uri check and were printed."""
+    out = tmp_path / "out" / "x.xlsx"
+    out.parent.mkdir()
+    for host in (f"mongodb://{USER}:{PASSWORD}@127.0.0.1", f"{USER}:{PASSWORD}@127.0.0.1"):
+        err = fail(["--host", host, "--port", str(server.port), "-l", "正常:5", "-o", str(out)], capsys, out)
+        assert err.startswith("error: --host takes a host name or address (e.g. db.internal), not a connection "
+                              "string or user:password@host"), err
+        assert PASSWORD not in err
 
 
 def test_server_dying_mid_scan_is_an_error_not_a_short_export(tmp_path, capsys, monkeypatch):
@@ -514,3 +569,32 @@ def test_demo_server_command_works_end_to_end(tmp_path):
         rest_of_output = demo.communicate(timeout=60)[0]
     assert demo.returncode == 0, rest_of_output
     assert "stopping" in rest_of_output
+
+
+def test_demo_server_stops_its_database_on_sigterm(tmp_path):
+    """SIGTERM (kill, a CI runner's cleanup) stops the MongoDB-wire server too, and deletes its storage."""
+    port = free_port()
+    demo = subprocess.Popen([sys.executable, str(REPO / "tools" / "demo_mongo.py"), "--port", str(port),
+                             "--per-label", "10"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        lines = []
+        for line in demo.stdout:
+            lines.append(line)
+            if line.startswith("serving until Ctrl-C"):
+                break
+        storage = Path(re.search(r"; storage (\S+)$", lines[0].strip()).group(1))
+        from pymongo import MongoClient
+
+        with MongoClient("127.0.0.1", port, serverSelectionTimeoutMS=5000) as client:
+            client.admin.command("ping")  # it serves
+        assert storage.exists()
+        demo.send_signal(signal.SIGTERM)
+        rest = demo.communicate(timeout=60)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 143 and "stopped (SIGTERM)" in rest, rest
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert not storage.parent.exists()

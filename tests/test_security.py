@@ -211,3 +211,31 @@ def test_redact():
     assert redact(f"/data/mongodb:/admin:{SECRET}@host/x.xlsx") == "/data/mongodb:/admin:***@host/x.xlsx"
     assert redact(f"host=db;password={SECRET};user=a") == "host=db;password=***;user=a"
     assert redact("mongodb://db.internal/corp and C:/data") == "mongodb://db.internal/corp and C:/data"
+
+
+@pytest.mark.parametrize("text, expected", [
+    # URI userinfo: the password is everything up to the last "@" before the host
+    ("mongodb://u:pa/ss@h/db", "mongodb://u:***@h/db"),
+    ("mongodb://u:p@ss:w@h:27017/x", "mongodb://u:***@h:27017/x"),
+    ("mongodb+srv://u:p%40ss@cluster.example/?tls=true", "mongodb+srv://u:***@cluster.example/?tls=true"),
+    ("uri 'mongodb://user@corp:pw@h' failed", "uri 'mongodb://user@corp:***@h' failed"),
+    ("https://x:tok/en@github.com/a.git", "https://x:***@github.com/a.git"),
+    # any key ending in password/passwd/pwd/secret/token/api_key/apikey, any case, k=v / k: v / JSON / repr
+    ("MONGO_PASSWORD=s3/cr3t python x.py", "MONGO_PASSWORD=*** python x.py"),
+    ("db_pwd=abc user=x", "db_pwd=*** user=x"),
+    ("admin_passwd=abc", "admin_passwd=***"),
+    ("?tls=true&tlsCertificateKeyFilePassword=k3y&x=1", "?tls=true&tlsCertificateKeyFilePassword=***&x=1"),
+    ("GITHUB_TOKEN: ghp_abc next", "GITHUB_TOKEN: *** next"),
+    ("client_secret = 'a b'", "client_secret = '***'"),
+    ('{"api_key": "z\\"z", "n": 1}', '{"api_key": "***", "n": 1}'),
+    ("{'x-api-key': 'k', 'APIKEY': 5}", "{'x-api-key': '***', 'APIKEY': ***"),  # unquoted: to the next space,
+    ("Namespace(password='pw', auth_token=None)", "Namespace(password='***', auth_token=***"),  # "&" or ";"
+    ("db_pwd=a,b)c&x=1", "db_pwd=***&x=1"),
+    # not secrets: keys that only contain the words, values already hidden, plain prose
+    ("max_tokens=5 passwords: 3 tokenizer=qwen", "max_tokens=5 passwords: 3 tokenizer=qwen"),
+    ("mongodb://user@host:27017/db", "mongodb://user@host:27017/db"),
+    ("password=***", "password=***"),
+])
+def test_redact_table(text, expected):
+    assert redact(text) == expected
+    assert redact(expected) == expected

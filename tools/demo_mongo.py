@@ -1,6 +1,6 @@
 """A local MongoDB-wire server loaded with the demo data set, to try get_data_by_labels.py end to end.
 
-    python tools/demo_mongo.py                         # 127.0.0.1:27017, serves until Ctrl-C
+    python tools/demo_mongo.py                         # 127.0.0.1:27017, serves until Ctrl-C or SIGTERM
     python tools/demo_mongo.py --port 27018 --storage /tmp/demo-db --per-label 500
 
 It starts SecantusDB (`secantusd-py`, a MongoDB-wire server on WiredTiger; pip install -r
@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,13 +44,17 @@ def start_server(storage, port: int = 0, auth: bool = True, host: str = "127.0.0
         proc = subprocess.Popen(cmd + (["--auth"] if auth else []), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        m = LISTENING.search(log.read_text(errors="replace"))
-        if m:
-            return proc, int(m.group(1))
-        if proc.poll() is not None:
-            raise SystemExit(f"secantusd-py exited with status {proc.returncode}:\n{log.read_text()[-2000:]}")
-        time.sleep(0.05)
+    try:
+        while time.time() < deadline:
+            m = LISTENING.search(log.read_text(errors="replace"))
+            if m:
+                return proc, int(m.group(1))
+            if proc.poll() is not None:
+                raise SystemExit(f"secantusd-py exited with status {proc.returncode}:\n{log.read_text()[-2000:]}")
+            time.sleep(0.05)
+    except BaseException:  # Ctrl-C or SIGTERM while it starts: the caller never got the process to stop
+        stop_server(proc)
+        raise
     stop_server(proc)
     raise SystemExit(f"secantusd-py did not start listening within {timeout:.0f} s; see {log}")
 
@@ -95,6 +100,15 @@ def demo_documents(per_label: int, seed: int = 0) -> list[dict]:
              "source_id": f"demo-{i:06d}"} for i, r in enumerate(demo_records(per_label, seed))]
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: stop the server, delete the temporary storage, exit 143."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean stop; a second SIGTERM must not interrupt it
+    raise Terminated
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Serve the demo data set on a local MongoDB-wire server until Ctrl-C.")
     p.add_argument("--port", type=int, default=27017, help="port to listen on (default: 27017)")
@@ -108,6 +122,9 @@ def main(argv=None) -> int:
     if not 1 <= args.per_label <= 900:
         p.error("--per-label must be between 1 and 900 (the demo templates give 960 distinct texts for 歧视)")
 
+    # SIGTERM (kill, systemd, a CI runner's cleanup) would end Python without running the `finally`s below and
+    # leave the server running on its port: turn it into an exception that unwinds through them
+    signal.signal(signal.SIGTERM, _terminated)
     password = os.environ.get("MONGO_PASSWORD") or DEMO_PASSWORD
     tmp = None if args.storage else tempfile.mkdtemp(prefix="demo-mongo-")
     storage = Path(args.storage or tmp) / "db"
@@ -142,6 +159,9 @@ def main(argv=None) -> int:
             return 0
         finally:
             stop_server(proc)
+    except Terminated:  # the server was stopped by the `finally` above
+        print("stopped (SIGTERM)", flush=True)
+        return 143
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

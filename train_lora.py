@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -47,7 +48,7 @@ from lft.labels import DEFAULT_LABELS  # noqa: E402
 from lft.metrics import confusion, format_report, metrics_from_confusion  # noqa: E402
 from lft.predict import Predictor  # noqa: E402
 from lft.runtime import add_runtime_args, check_runtime_args  # noqa: E402
-from lft.signals import StopRequest  # noqa: E402
+from lft.signals import StopRequest, announce_signals  # noqa: E402
 from lft.tracking import Tracker, add_tracking_args, check_tracking_args  # noqa: E402
 from lft.train_step import LaggedFlags, Stepper  # noqa: E402
 
@@ -368,11 +369,20 @@ class Trainer:
             raise UserError(f"--train_data {a.train_data}: {len(self.splits['train'])} texts are fewer than one "
                             f"micro-batch per process ({d.world} processes); lower --batch_size")
         self.total_steps = self.steps_per_epoch * a.num_epochs
+        left_out = len(D.length_grouped_batches(self.splits["train"].lengths, a.batch_size, a.seed, 0,
+                                                a.group_by_length)) - sum(len(s) for s in self.epoch_plan(0))
+        if left_out:  # every rank must run the same number of backward passes
+            print0(f"warning: {left_out} micro-batch(es) of up to {a.batch_size} texts per epoch are left out: the "
+                   f"last optimizer step's micro-batches are cut to a multiple of the {d.world} processes")
         if d.main:
             with outdir.writing("args.json", self.out):
                 self.out.mkdir(parents=True, exist_ok=True)
                 for line in outdir.clean_stale(self.out):
                     print0(f"note: {line}")
+                for stale in ("test_results.json",):  # from an earlier run's best_model: rewritten or absent
+                    if (self.out / stale).is_file():
+                        (self.out / stale).unlink()
+                        print0(f"note: removed {stale} of an earlier run in {self.out} (this run writes its own)")
                 write_json(self.out / "args.json", safe_args(a))  # never a password, whatever the arguments hold
         banner(a, self.splits, self.labels, self.steps_per_epoch, self.total_steps, d, self.rt,
                qcd.count_parameters(self.model), self.tokenizer)
@@ -393,6 +403,7 @@ class Trainer:
                 except ValueError as e:
                     raise UserError(f"{self.resume}: bad early-stopping state ({e}); it was not written by this "
                                     "toolkit") from None
+            self._carry_best_model()
             print0(f"resumed from {self.resume} at step {self.state.global_step}")
         else:
             torch.manual_seed(a.seed + d.rank)  # dropout masks differ per rank
@@ -404,6 +415,27 @@ class Trainer:
         self.predictor = Predictor(self.model, self.rt, self.tokenizer.pad_token_id, a.max_length)
         self.stepper = Stepper(self.model, ddp, self.rt, self.optimizer, self.scheduler, self.scaler,
                                a.max_grad_norm, d.world, self.tokenizer.pad_token_id, a.max_length)
+
+    def _carry_best_model(self) -> None:
+        """Resuming into another --output_dir: bring the best_model that the checkpoint's best metric refers to,
+        or forget that metric, so that this folder's best_model always exists and is the one reported."""
+        st, out = self.state, self.out
+        if st.best_step is None or (out / "best_model").is_dir():
+            return
+        theirs = self.resume.parent / "best_model"
+        try:
+            same = adapter.read_classifier_config(theirs)["metrics"]["step"] == st.best_step
+        except (UserError, KeyError, TypeError):
+            same = False
+        if same and self.d.main:
+
+            with outdir.writing("best_model", out):
+                shutil.copytree(theirs, out / "best_model")
+            print0(f"note: copied {theirs} (best val macro-F1 {st.best_metric:.4f} at step {st.best_step}) to {out}")
+        elif not same:
+            print0(f"note: {theirs} is not the best_model of step {st.best_step}; the next evaluation sets best_model")
+            st.best_metric, st.best_step = None, None
+        barrier(self.d)
 
     def fit(self, stop: StopRequest) -> int:
         """The loop: every optimizer step of every epoch (skipping those done before a resume), logging,
@@ -602,7 +634,11 @@ def main(argv=None) -> int:
         with explain_oom(OOM_FIX), StopRequest() as stop:
             t = Trainer.setup(args, d)
             status = t.fit(stop)
-            return status or t.finish()
+            if status:
+                return status
+            with announce_signals(f"stopped after training; best_model is complete in {t.out / 'best_model'}. "
+                                  "Evaluate it with test_saved_lora.py (and export it with --merge) separately"):
+                return t.finish()
     finally:
         cleanup()
 

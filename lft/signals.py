@@ -47,3 +47,26 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class announce_signals:
+    """A context where SIGTERM/Ctrl-C print `message` (what is done, what to run next) and exit 143/130 at once,
+    for the parts after training (the final test evaluation, the merge): there is nothing to checkpoint."""
+
+    def __init__(self, message: str):
+        self.message, self._old = message, {}
+
+    def _handle(self, signum, frame):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"\n{signal.Signals(signum).name} received: {self.message}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

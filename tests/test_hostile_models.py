@@ -246,3 +246,32 @@ def test_evaluation_defaults_to_a_folder_beside_the_adapter(trained, tiny_ckpt, 
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["adapter_model.safetensors", "adapter_config.json", "head.safetensors", "classifier_config.json"])
     assert (tmp_path / "best_model_eval" / "test_results.json").is_file()
+
+
+def test_a_reused_output_folder_loses_its_stale_test_results(trained, tiny_ckpt, demo_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    assert not (out / "test_results.json").exists()
+    (out / "test_results.json").write_text('{"accuracy": 1.0}')  # what an earlier run with --test_data left
+    assert train_lora.main(base_args(tiny_ckpt, demo_data, out, *QUICK, "--num_epochs", "2", "--save_total_limit",
+                                     "5", "--resume_from_checkpoint", "auto")) == 0
+    assert "removed test_results.json of an earlier run" in capsys.readouterr().out
+    assert not (out / "test_results.json").exists()
+
+
+def test_resuming_into_a_new_output_dir_brings_its_best_model(trained, tiny_ckpt, demo_data, tmp_path, capsys):
+    new = tmp_path / "new"
+    assert train_lora.main(base_args(tiny_ckpt, demo_data, new, *QUICK, "--resume_from_checkpoint",
+                                     str(trained / "checkpoint-7"), "--test_data", demo_data["test"])) == 0
+    assert (new / "best_model").is_dir() and (new / "test_results.json").is_file()
+    assert "note: copied" in capsys.readouterr().out
+
+
+def test_a_signal_after_training_says_what_is_done(capsys):
+    import signal
+
+    from lft.signals import announce_signals
+
+    with pytest.raises(SystemExit) as e, announce_signals("best_model is complete"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert e.value.code == 143 and "SIGTERM received: best_model is complete" in capsys.readouterr().err

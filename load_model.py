@@ -14,13 +14,13 @@ import argparse
 import json
 import sys
 
-import torch
+from lft.common import ArgumentParser, HelpFormatter, UserError, display_width, lazy_import, run_cli
+from lft.labels import parse_labels
 
-import qwen3_classification_direct as qcd
-from lft import adapter, data as D
-from lft.common import ArgumentParser, HelpFormatter, UserError, display_width, run_cli
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+torch = lazy_import("torch")  # loaded on first use: --help answers at once
+qcd = lazy_import("qwen3_classification_direct")
+adapter = lazy_import("lft.adapter")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,8 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pooling", choices=("last", "mean"), default="last")
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_alpha", type=int, default=16)
-    p.add_argument("--lora_target_modules", default=",".join(qcd.LORA_TARGETS))
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype to load the base in")
+    p.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype to load the base in")
     p.add_argument("--print_model", action="store_true", help="also print the full module tree")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.lora_model:
@@ -77,14 +77,14 @@ def args_table(args: dict, width: int = 72, max_lines: int = 3, indent: str = " 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     meta = None
     if args.lora_model:
         model, _, meta = adapter.load_classifier(args.checkpoint, args.lora_model, dtype)
         for n, p in model.named_parameters():  # what training trains: LoRA and the head
             p.requires_grad_("lora_" in n or n.startswith("score."))
     else:
-        labels = D.parse_labels(args.labels)
+        labels = parse_labels(args.labels)
         model, _ = qcd.build_classifier(args.checkpoint, labels, 0.0, args.pooling, dtype)
     backbone = model.base_model
     cfg = backbone.config

@@ -30,27 +30,25 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lft.common import check_python
+from lft.common import (ArgumentParser, HelpFormatter, UserError, check_python, explain_oom, lazy_import, redact,
+                        run_cli, safe_args, write_json)
 
 check_python()  # before torch and transformers, whose own failure on an old Python is far from the cause
+# torch and everything built on it load on first use: --help and flag errors answer at once
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import qwen3_classification_direct as qcd  # noqa: E402
-from lft import adapter, base, checkpoint as C, data as D, outdir
-from lft import runtime as R
-from lft.common import ArgumentParser, HelpFormatter, UserError, explain_oom, redact, run_cli, safe_args, write_json  # noqa: E402
 from lft.config import describe_sources, parse_args_with_config  # noqa: E402
-from lft.dist import Dist, all_reduce_sum, barrier, cleanup, print0, setup_distributed  # noqa: E402
 from lft.early_stopping import EarlyStopping, add_early_stopping_args, check_early_stopping_args  # noqa: E402
-from lft.labels import DEFAULT_LABELS  # noqa: E402
-from lft.metrics import confusion, format_report, metrics_from_confusion  # noqa: E402
-from lft.predict import Predictor  # noqa: E402
+from lft.labels import DEFAULT_LABELS, parse_labels  # noqa: E402
 from lft.runtime import add_runtime_args, check_runtime_args  # noqa: E402
 from lft.signals import StopRequest, announce_signals  # noqa: E402
 from lft.tracking import Tracker, add_tracking_args, check_tracking_args  # noqa: E402
-from lft.train_step import LaggedFlags, Stepper  # noqa: E402
+
+qcd = lazy_import("qwen3_classification_direct")
+adapter, base, C, D = (lazy_import(f"lft.{m}") for m in ("adapter", "base", "checkpoint", "data"))
+dist, metrics, outdir, predict, R, train_step = (lazy_import(f"lft.{m}") for m in (
+    "dist", "metrics", "outdir", "predict", "runtime", "train_step"))
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 # flags that only change the result: resuming with other values still works, with a warning that the run will
@@ -173,17 +171,17 @@ def load_data(args, labels) -> dict[str, D.Split]:
               for name in ("train", "val", "test") if (path := getattr(args, f"{name}_data"))}
     splits, notes = D.check_splits(splits, labels, args.dedup)
     for line in [n for s in splits.values() for n in s.notes] + notes:
-        print0(f"warning: {line}")
+        dist.print0(f"warning: {line}")
     return splits
 
 
-def tokenize_data(splits: dict[str, D.Split], tokenizer, args, d: Dist) -> None:
+def tokenize_data(splits: dict[str, D.Split], tokenizer, args, d: "dist.Dist") -> None:
     for name, split in splits.items():
         seen = len(split.notes)
         D.tokenize_split(split, tokenizer, args.max_length, desc=f"tokenise {name}",
                          show=d.main and not args.no_progress)
         for line in split.notes[seen:]:
-            print0(f"warning: {line}")
+            dist.print0(f"warning: {line}")
 
 
 def lora_spec(args) -> dict:
@@ -253,7 +251,7 @@ def banner(args, splits, labels, steps_per_epoch, total_steps, d, rt: R.Runtime,
     for i in range(min(3, len(train))):
         lines.append(f"sample {i}: label={labels[train.labels[i]]} tokens={len(train.input_ids[i])} "
                      f"text={tokenizer.decode(train.input_ids[i][:48])!r}")
-    print0("\n".join(lines))
+    dist.print0("\n".join(lines))
 
 
 def warn_changed_recipe(resume: Path, saved_args: dict, args, world: int) -> None:
@@ -263,13 +261,13 @@ def warn_changed_recipe(resume: Path, saved_args: dict, args, world: int) -> Non
     if (was := C.saved_world(resume, world)) != world:
         changed.append(f"processes {was} -> {world}")
     if changed:
-        print0(f"warning: resuming {resume} with a changed recipe ({', '.join(changed)}); the result will differ "
+        dist.print0(f"warning: resuming {resume} with a changed recipe ({', '.join(changed)}); the result will differ "
                "from an uninterrupted run")
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
 
-def evaluate(predictor: Predictor, split: D.Split, labels, max_tokens: int, d: Dist) -> dict:
+def evaluate(predictor: "predict.Predictor", split: D.Split, labels, max_tokens: int, d: "dist.Dist") -> dict:
     """Each rank predicts a disjoint shard; confusion matrices are summed over ranks (counts, not means)."""
     probs = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world, max_tokens))
     idx = np.fromiter(probs.keys(), dtype=np.int64, count=len(probs))
@@ -277,9 +275,9 @@ def evaluate(predictor: Predictor, split: D.Split, labels, max_tokens: int, d: D
     if not bool(torch.isfinite(P).all()):
         raise UserError(f"{split.path}: the model gives non-finite probabilities; its weights or the base model "
                         "hold NaN/inf values")
-    cm = torch.from_numpy(confusion(split.labels[idx], P.argmax(-1).numpy(), len(labels))).to(torch.int64)
-    cm = all_reduce_sum(cm.to(d.device), d).cpu().numpy()  # every rank
-    return metrics_from_confusion(cm, labels)
+    cm = torch.from_numpy(metrics.confusion(split.labels[idx], P.argmax(-1).numpy(), len(labels))).to(torch.int64)
+    cm = dist.all_reduce_sum(cm.to(d.device), d).cpu().numpy()  # every rank
+    return metrics.metrics_from_confusion(cm, labels)
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
@@ -297,7 +295,7 @@ class LoopState:
 class MetricsLog:
     """metrics.jsonl: one JSON line per log step and per evaluation (rank 0 writes; the others do nothing)."""
 
-    def __init__(self, out: Path, d: Dist, resumed_step: int):
+    def __init__(self, out: Path, d: "dist.Dist", resumed_step: int):
         self.out, self.file = out, None
         if d.main:  # records after the resumed step were written by the interrupted run: they are redone
             outdir.truncate_log(out / "metrics.jsonl", resumed_step)
@@ -321,11 +319,12 @@ class Trainer:
         self.__dict__.update(parts)
 
     @classmethod
-    def setup(cls, args, d: Dist) -> "Trainer":
+    def setup(cls, args, d: "dist.Dist") -> "Trainer":
         """Check everything that can be wrong before writing anything, cheapest first: the base model's files,
         the output folder, the checkpoint to resume, every data row; then the model on the device (and one
         worst-case step on a GPU) and the disk space for its checkpoints; only then tokenise."""
-        labels = D.parse_labels(args.labels)
+        t_start, times = time.perf_counter(), {}
+        labels = parse_labels(args.labels)
         out = Path(args.output_dir)
         rt = R.resolve(args, d.device, d.world, training=True)
         base.check_folder(args.checkpoint)  # reads only headers (seconds)
@@ -339,16 +338,22 @@ class Trainer:
         tokenizer = qcd.load_tokenizer(args.checkpoint)
 
         torch.manual_seed(args.seed)  # same head init on every rank
+        t = time.perf_counter()
         with explain_oom("the base model alone does not fit on this GPU: use --bf16 or a smaller Qwen3"):
             model, identity = qcd.build_classifier(args.checkpoint, labels, args.dropout, args.pooling,
                                                    rt.weight_dtype, rt.attn, lora=lora_spec(args), device=d.device)
         if saved is not None:  # before anything is written: a checkpoint of another base must not mix with this one
             base.check_same_base(saved["base"], identity, resume)
+        times["load"], t = time.perf_counter() - t, time.perf_counter()
         if rt.compile:
             qcd.compile_decoder_layers(model)
-        memory_probe(model, args, rt, tokenizer.pad_token_id)
+        memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
+        times["compile"], t = time.perf_counter() - t, time.perf_counter()
         outdir.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)
         tokenize_data(splits, tokenizer, args, d)
+        times["tokenise"] = time.perf_counter() - t
+        dist.print0(f"ready in {time.perf_counter() - t_start:.1f} s (load {times['load']:.1f} s, compile and "
+                    f"memory probe {times['compile']:.1f} s, tokenise {times['tokenise']:.1f} s)")
         t = cls(args=args, d=d, rt=rt, labels=labels, out=out, splits=splits, tokenizer=tokenizer, model=model,
                 identity=identity, resume=resume)
         t._plan_and_build()
@@ -372,22 +377,22 @@ class Trainer:
         left_out = len(D.length_grouped_batches(self.splits["train"].lengths, a.batch_size, a.seed, 0,
                                                 a.group_by_length)) - sum(len(s) for s in self.epoch_plan(0))
         if left_out:  # every rank must run the same number of backward passes
-            print0(f"warning: {left_out} micro-batch(es) of up to {a.batch_size} texts per epoch are left out: the "
+            dist.print0(f"warning: {left_out} micro-batch(es) of up to {a.batch_size} texts per epoch are left out: the "
                    f"last optimizer step's micro-batches are cut to a multiple of the {d.world} processes")
         if d.main:
             with outdir.writing("args.json", self.out):
                 self.out.mkdir(parents=True, exist_ok=True)
                 for line in outdir.clean_stale(self.out):
-                    print0(f"note: {line}")
+                    dist.print0(f"note: {line}")
                 for stale in ("test_results.json",):  # from an earlier run's best_model: rewritten or absent
                     if (self.out / stale).is_file():
                         (self.out / stale).unlink()
-                        print0(f"note: removed {stale} of an earlier run in {self.out} (this run writes its own)")
+                        dist.print0(f"note: removed {stale} of an earlier run in {self.out} (this run writes its own)")
                 write_json(self.out / "args.json", safe_args(a))  # never a password, whatever the arguments hold
         banner(a, self.splits, self.labels, self.steps_per_epoch, self.total_steps, d, self.rt,
                qcd.count_parameters(self.model), self.tokenizer)
         for line in describe_sources(a, getattr(a, "_sources", {})):
-            print0(line)
+            dist.print0(line)
         self.optimizer, self.scheduler, self.scaler = make_optimizer(self.model, a, self.rt, self.total_steps)
         self.class_w = class_weights(a, self.splits["train"], len(self.labels))
         self.meta = {"labels": list(self.labels), "id2label": dict(enumerate(self.labels)),
@@ -404,7 +409,7 @@ class Trainer:
                     raise UserError(f"{self.resume}: bad early-stopping state ({e}); it was not written by this "
                                     "toolkit") from None
             self._carry_best_model()
-            print0(f"resumed from {self.resume} at step {self.state.global_step}")
+            dist.print0(f"resumed from {self.resume} at step {self.state.global_step}")
         else:
             torch.manual_seed(a.seed + d.rank)  # dropout masks differ per rank
         ddp = self.model
@@ -412,8 +417,8 @@ class Trainer:
             ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         self.model.train()
-        self.predictor = Predictor(self.model, self.rt, self.tokenizer.pad_token_id, a.max_length)
-        self.stepper = Stepper(self.model, ddp, self.rt, self.optimizer, self.scheduler, self.scaler,
+        self.predictor = predict.Predictor(self.model, self.rt, self.tokenizer.pad_token_id, a.max_length)
+        self.stepper = train_step.Stepper(self.model, ddp, self.rt, self.optimizer, self.scheduler, self.scaler,
                                a.max_grad_norm, d.world, self.tokenizer.pad_token_id, a.max_length)
 
     def _carry_best_model(self) -> None:
@@ -431,11 +436,11 @@ class Trainer:
 
             with outdir.writing("best_model", out):
                 shutil.copytree(theirs, out / "best_model")
-            print0(f"note: copied {theirs} (best val macro-F1 {st.best_metric:.4f} at step {st.best_step}) to {out}")
+            dist.print0(f"note: copied {theirs} (best val macro-F1 {st.best_metric:.4f} at step {st.best_step}) to {out}")
         elif not same:
-            print0(f"note: {theirs} is not the best_model of step {st.best_step}; the next evaluation sets best_model")
+            dist.print0(f"note: {theirs} is not the best_model of step {st.best_step}; the next evaluation sets best_model")
             st.best_metric, st.best_step = None, None
-        barrier(self.d)
+        dist.barrier(self.d)
 
     def fit(self, stop: StopRequest) -> int:
         """The loop: every optimizer step of every epoch (skipping those done before a resume), logging,
@@ -448,7 +453,7 @@ class Trainer:
                                     resume_step=st.global_step if self.resume is not None else None)
         bar = tqdm(total=self.total_steps, initial=st.global_step, desc="train", unit="step",
                    disable=not self.d.main or a.no_progress, dynamic_ncols=True)
-        self.flags, self.window = LaggedFlags(self.d.device), Window(self.d.device)
+        self.flags, self.window = train_step.LaggedFlags(self.d.device), Window(self.d.device)
         stop_now = False
         stop.listen()  # from here SIGTERM/Ctrl-C finish the step, save a checkpoint and exit
         try:
@@ -472,10 +477,10 @@ class Trainer:
             self.log.close()
             self.tracker.close()
         if stop_now:
-            print0(f"stopped by {stop.name} at step {st.global_step}/{self.total_steps}; checkpoint saved. Resume "
+            dist.print0(f"stopped by {stop.name} at step {st.global_step}/{self.total_steps}; checkpoint saved. Resume "
                    "with the same command plus --resume_from_checkpoint auto")
             return 128 + (stop.signum or signal.SIGTERM)  # 143 (SIGTERM) / 130 (Ctrl-C): "not done"
-        print0(f"training done: best val macro-F1 {st.best_metric:.4f} at step {st.best_step}; "
+        dist.print0(f"training done: best val macro-F1 {st.best_metric:.4f} at step {st.best_step}; "
                f"adapter in {self.out / 'best_model'}")
         return 0
 
@@ -500,7 +505,7 @@ class Trainer:
         grad_norm, flags = self.stepper.optimizer_step(step_loss, stop.signum is not None)
         self.window.add_step(step_loss, grad_norm)
         self.state.global_step += 1
-        host = self.read_flags(*self.flags.push(self.state.global_step, all_reduce_sum(flags, d)))  # every rank
+        host = self.read_flags(*self.flags.push(self.state.global_step, dist.all_reduce_sum(flags, d)))  # every rank
         return host is not None and host[2] > 0
 
     def read_flags(self, step: int | None, host: list | None) -> list | None:
@@ -537,11 +542,14 @@ class Trainer:
         line = (f"step {gs}/{self.total_steps} | epoch {gs / self.steps_per_epoch:.2f} | loss {w['loss']:.4f} | "
                 f"lr {lr:.2e} | grad_norm {w['grad_norm']:.3f} | {w['ms_per_step']:.0f} ms/step | "
                 f"{w['samples_per_s']:.1f} samples/s | {w['tokens_per_s']:.0f} tokens/s")
+        mem = peak_memory(d.device)
+        if mem:  # reserved is what nvidia-smi shows for this process (plus the CUDA context)
+            line += f" | peak GiB {mem['peak_alloc_gib']:.1f} alloc / {mem['peak_reserved_gib']:.1f} reserved"
         if d.main:
             bar.write(line) if not self.args.no_progress else print(line, flush=True)
         record = {"step": gs, "epoch": gs / self.steps_per_epoch, "loss": w["loss"], "lr": lr,
                   "grad_norm": w["grad_norm"], "ms_per_step": w["ms_per_step"], "samples_per_s": w["samples_per_s"],
-                  "tokens_per_s": w["tokens_per_s"]}
+                  "tokens_per_s": w["tokens_per_s"], **mem}
         self.log.write(record)
         self.tracker.log(gs, {"train": {k: v for k, v in record.items() if k != "step"}})
 
@@ -551,7 +559,7 @@ class Trainer:
                      self.d)
         seconds = time.perf_counter() - t0
         improved = st.best_metric is None or m["macro_f1"] > st.best_metric
-        print0(f"eval step {step} | val accuracy {m['accuracy']:.4f} | val macro-F1 {m['macro_f1']:.4f}"
+        dist.print0(f"eval step {step} | val accuracy {m['accuracy']:.4f} | val macro-F1 {m['macro_f1']:.4f}"
                + (" | new best" if improved else f" | best {st.best_metric:.4f} at {st.best_step}")
                + f" | {seconds:.1f} s")
         self.log.write({"step": step, "split": "val", **{k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")},
@@ -560,14 +568,14 @@ class Trainer:
                                 "val_seconds": seconds})
         decision = self.stopper.update(m["macro_f1"], step)  # the metric is all-reduced: every rank agrees
         if decision.stop:
-            print0(decision.reason)
+            dist.print0(decision.reason)
         if improved:
             st.best_metric, st.best_step = m["macro_f1"], step
             if self.d.main:
                 with outdir.writing("best_model", self.out):  # atomic: the previous best survives a failed write
                     adapter.save_adapter(self.model, self.out / "best_model",
                                          {**self.meta, "metrics": {"val": m, "step": step}})
-        barrier(self.d)
+        dist.barrier(self.d)
 
     def finish(self) -> int:
         """Evaluate best_model on --test_data (test_results.json) and export it merged (--merge)."""
@@ -577,9 +585,9 @@ class Trainer:
         best, tok, best_meta = adapter.load_classifier(a.checkpoint, self.out / "best_model", self.rt.weight_dtype,
                                                        self.rt.attn, d.device)
         if a.test_data:
-            predictor = Predictor(best, self.rt, tok.pad_token_id, a.max_length)
+            predictor = predict.Predictor(best, self.rt, tok.pad_token_id, a.max_length)
             m = evaluate(predictor, self.splits["test"], self.labels, a.eval_batch_size * a.max_length, d)
-            print0("test results (best_model):\n" + format_report(m))
+            dist.print0("test results (best_model):\n" + metrics.format_report(m))
             if d.main:
                 write_json(self.out / "test_results.json", {"model": redact(self.out / "best_model"),
                                                             "test_data": redact(a.test_data),
@@ -587,8 +595,17 @@ class Trainer:
         if a.merge and d.main:
             dtype = adapter.base_dtype(a.checkpoint) if a.merge_dtype == "auto" else getattr(torch, a.merge_dtype)
             adapter.export_merged(best, tok, self.out / "best_model_merged", best_meta, dtype)
-            print0(f"merged model ({str(dtype)[6:]}) in {self.out / 'best_model_merged'}")
+            dist.print0(f"merged model ({str(dtype)[6:]}) in {self.out / 'best_model_merged'}")
         return 0
+
+
+def peak_memory(device) -> dict:
+    """Peak GPU memory of this process so far: allocated (tensors) and reserved (the caching allocator's pools,
+    CUDA graph pools included: what nvidia-smi shows, less the CUDA context). Empty on CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
 class Window:
@@ -615,10 +632,10 @@ class Window:
         self.grad_norm = grad_norm
         self.steps += 1
 
-    def read(self, d: Dist) -> dict:
+    def read(self, d: "dist.Dist") -> dict:
         """Every rank (the loss is all-reduced)."""
         steps = max(self.steps, 1)
-        loss = float(all_reduce_sum(self.loss, d)) / steps
+        loss = float(dist.all_reduce_sum(self.loss, d)) / steps
         dt = time.perf_counter() - self.t0
         out = {"loss": loss, "grad_norm": float(self.grad_norm) if self.grad_norm is not None else 0.0,
                "ms_per_step": 1000 * dt / steps, "samples_per_s": self.samples * d.world / dt,
@@ -629,7 +646,7 @@ class Window:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    d = setup_distributed(args.device)
+    d = dist.setup_distributed(args.device)
     try:
         with explain_oom(OOM_FIX), StopRequest() as stop:
             t = Trainer.setup(args, d)
@@ -640,7 +657,7 @@ def main(argv=None) -> int:
                                   "Evaluate it with test_saved_lora.py (and export it with --merge) separately"):
                 return t.finish()
     finally:
-        cleanup()
+        dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 from .common import UserError
 
@@ -30,9 +29,10 @@ VARLEN = "lft_varlen"  # the attention implementation name qwen3_classification_
 
 @dataclass(frozen=True)
 class Runtime:
-    device: torch.device
-    weight_dtype: torch.dtype  # the frozen base model's weights
-    amp_dtype: torch.dtype | None  # autocast dtype of every forward (None: no autocast)
+    # (typed as Any: a dataclass resolves string annotations naming a module, which would import torch early)
+    device: Any  # torch.device
+    weight_dtype: Any  # torch.dtype of the frozen base model's weights
+    amp_dtype: Any  # torch.dtype of every forward's autocast (None: no autocast)
     use_scaler: bool  # fp16: a GradScaler guards the backward
     precision: str  # what was chosen and why, for the banner
     packing: bool
@@ -66,6 +66,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def check_runtime_args(args, problems: list[str]) -> None:
     """Append every problem with the runtime flags (the script raises them all at once)."""
+    import torch  # here, not at the top: scripts import this module before torch (fast --help)
+
     if sum([args.fp16, args.bf16, args.fp32]) > 1:
         problems.append("--fp16, --bf16 and --fp32 exclude each other")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -76,11 +78,15 @@ def check_runtime_args(args, problems: list[str]) -> None:
 
 def on_for_cuda(flag: str, device) -> bool:
     """An auto|on|off flag: 'auto' means on for CUDA."""
+    import torch
+
     return flag == "on" or (flag == "auto" and torch.device(device).type == "cuda")
 
 
 def choose_precision(args, device: torch.device, training: bool = True):
     """(weight dtype, autocast dtype or None, use GradScaler, reason)."""
+    import torch
+
     if args.fp16:
         return torch.float16, torch.float16, training, "fp16 (--fp16): autocast" + (
             " + GradScaler, fp32 LoRA/head" if training else "")
@@ -95,6 +101,8 @@ def choose_precision(args, device: torch.device, training: bool = True):
 
 
 def have_varlen(device) -> bool:
+    import torch
+
     if torch.device(device).type != "cuda":  # the import costs ~2 s (it loads dynamo): only where it can run
         return False
     if torch.cuda.get_device_capability(device)[0] < 8:  # flash attention needs Ampere or newer
@@ -121,6 +129,8 @@ def choose_attention(requested: str, packing: bool, device) -> str:
 
 def resolve(args, device: torch.device, world: int = 1, training: bool = False) -> Runtime:
     """The one place the runtime flags become decisions (see the module docstring)."""
+    import torch
+
     weight, amp, scaler, why = choose_precision(args, device, training)
     packing = on_for_cuda(args.packing, device)
     attn = choose_attention(args.attn_implementation, packing, device)
@@ -136,5 +146,7 @@ def resolve(args, device: torch.device, world: int = 1, training: bool = False) 
 def autocast(device, amp_dtype):
     """Autocast to `amp_dtype` on `device` (off when None), for every forward of the toolkit. Its cache of cast
     weights is off: a CUDA graph must not keep cached casts, and each weight is cast once per forward anyway."""
+    import torch
+
     return torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
                           cache_enabled=False)

@@ -1,0 +1,67 @@
+"""Runtime decisions from flags and the machine, with the GPU's capabilities faked: what an older GPU (no bf16,
+no flash attention: V100, T4) gets, and what an H100/H200 gets. No GPU needed."""
+import argparse
+
+import pytest
+import torch
+
+from lft import runtime as R
+from lft.common import UserError
+
+
+def flags(**kw):
+    base = dict(device="auto", fp16=False, bf16=False, fp32=False, packing="auto", attn_implementation="auto",
+                compile="auto", cuda_graphs="auto")
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A fake CUDA device of a given compute capability (bf16 from Ampere, 8.0, on)."""
+    def make(major, minor=0):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: major >= 8)
+        return torch.device("cuda", 0)
+    return make
+
+
+def test_older_gpu_gets_fp16_with_a_scaler_and_no_flash_attention(gpu):
+    dev = gpu(7, 0)  # V100
+    rt = R.resolve(flags(), dev, world=1, training=True)
+    assert (rt.weight_dtype, rt.amp_dtype, rt.use_scaler) == (torch.float16, torch.float16, True)
+    assert rt.precision == "fp16 (default on a GPU without bf16)"
+    assert rt.attn == "sdpa" and not rt.eval_graphs and not rt.step_graphs and rt.packing and rt.compile
+    ev = R.resolve(flags(), dev, world=1, training=False)
+    assert ev.amp_dtype == torch.float16 and not ev.use_scaler  # inference needs no scaler
+    with pytest.raises(UserError, match="--attn_implementation varlen needs CUDA \\(compute capability >= 8.0\\)"):
+        R.resolve(flags(attn_implementation="varlen"), dev)
+    with pytest.raises(UserError, match="--cuda_graphs on needs"):
+        R.resolve(flags(cuda_graphs="on"), dev)
+
+
+def test_ampere_and_newer_get_bf16_varlen_and_graphs(gpu):
+    dev = gpu(9, 0)  # H100 / H200
+    rt = R.resolve(flags(), dev, world=1, training=True)
+    assert (rt.weight_dtype, rt.amp_dtype, rt.use_scaler) == (torch.bfloat16, torch.bfloat16, False)
+    assert rt.attn == R.VARLEN and rt.eval_graphs and rt.step_graphs
+    assert not R.resolve(flags(), dev, world=2, training=True).step_graphs  # DDP: evaluation graphs only
+    fp16 = R.resolve(flags(fp16=True), dev, world=1, training=True)
+    assert fp16.use_scaler and not fp16.step_graphs and fp16.eval_graphs
+    assert R.resolve(flags(packing="off"), dev).attn == "sdpa"
+
+
+def test_cpu_defaults_and_flag_conflicts():
+    rt = R.resolve(flags(), torch.device("cpu"), training=True)
+    assert (rt.weight_dtype, rt.amp_dtype, rt.packing, rt.compile, rt.eval_graphs) == (
+        torch.float32, None, False, False, False)
+    problems = []
+    R.check_runtime_args(flags(fp16=True, bf16=True), problems)
+    assert problems == ["--fp16, --bf16 and --fp32 exclude each other"]
+
+
+def test_bf16_flag_on_a_gpu_without_bf16_is_an_error(gpu):
+    gpu(7, 5)  # T4
+    problems = []
+    R.check_runtime_args(flags(bf16=True), problems)
+    assert problems == ["--bf16: this GPU has no bf16; use --fp16"]

@@ -25,6 +25,7 @@ from lft.common import ArgumentParser, UserError, explain_oom, redact, run_cli, 
 from lft.dist import cleanup, gather_objects, print0, setup_distributed
 from lft.metrics import confusion, format_report, metrics_from_confusion, plot_confusion
 from lft.predict import Predictor
+from lft.quantize import add_quantize_arg, check_quantize, describe, quantize_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--predictions_format", choices=("xlsx", "csv", "jsonl", "parquet"), default="xlsx")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     R.add_runtime_args(p)
+    add_quantize_arg(p)
     args = p.parse_args(argv)
     problems = []
     if args.batch_size < 1:
@@ -48,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_length is not None and args.max_length < 2:
         problems.append("--max_length must be >= 2")
     R.check_runtime_args(args, problems)
+    check_quantize(args, args.device, problems)
     if not Path(args.test_data).is_file():
         problems.append(f"--test_data {args.test_data}: file not found")
     if not Path(args.lora_model).is_dir():
@@ -79,13 +82,17 @@ def run(args, d) -> int:
     outdir.check_output_dir(out, resuming=True)
     model, tokenizer, meta = adapter.load_classifier(args.checkpoint, args.lora_model, rt.weight_dtype, rt.attn)
     model.to(d.device)
+    quantize_model(model, args.quantize, rt)  # on the device, before compiling
     if rt.compile:
         qcd.compile_decoder_layers(model)
     max_length = args.max_length or meta["max_length"]
+    for line in check_quantize(args, d.device, [], tokens_per_row=args.batch_size * max_length):
+        print0(f"warning: {line}")
     D.tokenize_split(split, tokenizer, max_length, show=d.main and not args.no_progress)
     for line in split.notes:
         print0(f"warning: {line}")
-    print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {rt.precision}); "
+    print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {rt.precision}, "
+           f"{describe(args.quantize, d.device)}); "
            f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 
     predictor = Predictor(model, rt, tokenizer.pad_token_id, max_length)
@@ -115,7 +122,7 @@ def write_outputs(args, out: Path, split, labels, P, pred, m: dict, max_length: 
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "test_results.json", {"model": redact(args.lora_model), "test_data": redact(args.test_data),
-                                           "max_length": max_length, **m})
+                                           "max_length": max_length, "quantize": args.quantize, **m})
     plot_confusion(m, out / "confusion_matrix.png")
     table = pd.DataFrame({"text": split.texts, "gold": [labels[i] for i in split.labels],
                           "predicted": [labels[i] for i in pred], "correct": pred == split.labels})

@@ -4,6 +4,7 @@
         --test_data test_data.xlsx --batch_size 18 --max_length 256
     python test_saved_lora.py --lora_model ./lora_model/best_model_merged --test_data test_data.xlsx
     torchrun --nproc_per_node=4 test_saved_lora.py ...same flags...
+    python test_saved_lora.py ...same flags... --quantize fp8      # fp8 base projections (GPU, cc >= 8.9)
 
 Prints accuracy, macro/weighted precision/recall/F1, per-class scores and the confusion matrix, and writes
 to --output_dir (default: <lora_model>/eval): test_results.json, confusion_matrix.png and predictions

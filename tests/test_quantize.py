@@ -113,3 +113,17 @@ def test_bad_mode_and_missing_torchao(trained, demo_data, capsys, monkeypatch):
     problems = []
     Q.check_quantize("int8", "cpu", problems)
     assert problems == [f"--quantize int8 needs torchao: pip install torchao=={Q.TORCHAO_VERSION}"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < Q.FP8_MIN_CAPABILITY,
+                    reason="needs a CUDA GPU with fp8 (compute capability >= 8.9)")
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_gpu_quantised_defaults_agree_with_bf16(trained, mode):
+    """The GPU defaults (bf16, packed varlen rows, compiled layers, CUDA graphs) with the base quantised."""
+    folder, texts, _ = trained
+    ref = Classifier.load(folder, device="cuda").predict_proba(texts)
+    clf = Classifier.load(folder, device="cuda", quantize=mode)
+    assert len(quantised_names(clf.model)) == 2 * len(PROJ)
+    P = clf.predict_proba(texts)
+    assert np.abs(P - ref).max() < PROB_TOL and (P.argmax(1) == ref.argmax(1)).mean() >= 0.95

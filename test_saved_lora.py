@@ -4,6 +4,7 @@
         --test_data test_data.xlsx --batch_size 18 --max_length 256
     python test_saved_lora.py --lora_model ./lora_model/best_model_merged --test_data test_data.xlsx
     torchrun --nproc_per_node=4 test_saved_lora.py ...same flags...
+    python test_saved_lora.py ...same flags... --quantize fp8      # fp8 base projections (GPU, cc >= 8.9)
 
 Prints accuracy, macro/weighted precision/recall/F1, per-class scores and the confusion matrix, and writes
 to --output_dir (default: <lora_model>_eval beside the model folder, so copying the model folder to deploy
@@ -17,15 +18,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from lft import adapter, data as D, outdir
 from lft import runtime as R
-from lft.common import ArgumentParser, HelpFormatter, UserError, explain_oom, redact, run_cli, write_json
-from lft.dist import cleanup, gather_objects, print0, setup_distributed
-from lft.metrics import confusion, format_report, metrics_from_confusion, plot_confusion
-from lft.predict import Predictor
+from lft.common import ArgumentParser, HelpFormatter, UserError, explain_oom, lazy_import, redact, run_cli, write_json
+from lft.quantize import add_quantize_arg, check_quantize, describe, quantize_model
+
+# torch and everything built on it load on first use: --help and flag errors answer at once
+np, torch = lazy_import("numpy"), lazy_import("torch")
+adapter, D, dist, metrics, outdir, predict = (lazy_import(f"lft.{m}") for m in (
+    "adapter", "data", "dist", "metrics", "outdir", "predict"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--predictions_format", choices=("xlsx", "csv", "jsonl", "parquet"), default="xlsx")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     R.add_runtime_args(p)
+    add_quantize_arg(p)
     args = p.parse_args(argv)
     problems = []
     if args.batch_size < 1:
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_length is not None and args.max_length < 2:
         problems.append("--max_length must be >= 2")
     R.check_runtime_args(args, problems)
+    check_quantize(args, args.device, problems)
     if not Path(args.test_data).is_file():
         problems.append(f"--test_data {args.test_data}: file not found")
     if not Path(args.lora_model).is_dir():
@@ -60,12 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    d = setup_distributed(args.device)
+    d = dist.setup_distributed(args.device)
     try:
         with explain_oom("lower --batch_size or --max_length"):
             return run(args, d)
     finally:
-        cleanup()
+        dist.cleanup()
 
 
 def run(args, d) -> int:
@@ -81,20 +83,24 @@ def run(args, d) -> int:
     outdir.check_output_dir(out, resuming=True)
     model, tokenizer, meta = adapter.load_classifier(args.checkpoint, args.lora_model, rt.weight_dtype, rt.attn,
                                                      d.device)
+    quantize_model(model, args.quantize, rt)  # on the device, before compiling
     if rt.compile:
         qcd.compile_decoder_layers(model)
     max_length = args.max_length or meta["max_length"]
+    for line in check_quantize(args, d.device, [], tokens_per_row=args.batch_size * max_length):
+        dist.print0(f"warning: {line}")
     D.tokenize_split(split, tokenizer, max_length, show=d.main and not args.no_progress)
     for line in split.notes:
-        print0(f"warning: {line}")
-    print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {rt.precision}); "
+        dist.print0(f"warning: {line}")
+    dist.print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {rt.precision}, "
+           f"{describe(args.quantize, d.device)}); "
            f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 
-    predictor = Predictor(model, rt, tokenizer.pad_token_id, max_length)
+    predictor = predict.Predictor(model, rt, tokenizer.pad_token_id, max_length)
     probs = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world,
                                                                max_tokens=args.batch_size * max_length))
     merged = {}
-    for part in gather_objects(probs, d):  # every rank; each text was predicted by exactly one rank
+    for part in dist.gather_objects(probs, d):  # every rank; each text was predicted by exactly one rank
         merged.update(part)
     if not d.main:
         return 0
@@ -103,8 +109,8 @@ def run(args, d) -> int:
         raise UserError(f"--lora_model {args.lora_model}: the model gives non-finite probabilities; its weights or "
                         "the base model hold NaN/inf values")
     pred = P.argmax(1)
-    m = metrics_from_confusion(confusion(split.labels, pred, len(labels)), labels)
-    print(format_report(m))
+    m = metrics.metrics_from_confusion(metrics.confusion(split.labels, pred, len(labels)), labels)
+    print(metrics.format_report(m))
     write_outputs(args, out, split, labels, P, pred, m, max_length)
     return 0
 
@@ -117,8 +123,8 @@ def write_outputs(args, out: Path, split, labels, P, pred, m: dict, max_length: 
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "test_results.json", {"model": redact(args.lora_model), "test_data": redact(args.test_data),
-                                           "max_length": max_length, **m})
-    plot_confusion(m, out / "confusion_matrix.png")
+                                           "max_length": max_length, "quantize": args.quantize, **m})
+    metrics.plot_confusion(m, out / "confusion_matrix.png")
     table = pd.DataFrame({"text": split.texts, "gold": [labels[i] for i in split.labels],
                           "predicted": [labels[i] for i in pred], "correct": pred == split.labels})
     for j, name in enumerate(labels):

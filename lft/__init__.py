@@ -22,3 +22,10 @@ qwen3_classification_direct.py at the top level; the library never imports a scr
   config      --config FILE (YAML/JSON, a run's args.json) between the defaults and the command line
   demo        the embedded demo: a tiny local Qwen3 checkpoint, synthetic data, the scripts run end to end
 """
+import logging as _logging
+
+# With torchao installed (lft.quantize), transformers imports it at every model load; on a CPU build of torch its
+# CUDA extensions then log "Failed to load ..._C_*.so" and torch logs a deprecation per torchao enum. Neither is
+# about this toolkit, and both would land in every script's output: only their errors are let through.
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)

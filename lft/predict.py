@@ -154,6 +154,7 @@ def pick_device(flag: str) -> torch.device:
 
 class Classifier:
     """A trained classifier, ready to label texts (see the module docstring)."""
+    quantize = "none"  # lft.quantize mode the model was loaded with
 
     def __init__(self, model, tokenizer, meta: dict, runtime: Runtime, max_length: int | None = None,
                  max_tokens: int | None = None):
@@ -166,22 +167,30 @@ class Classifier:
 
     @classmethod
     def load(cls, model, checkpoint=None, device: str = "auto", precision: str = "auto", *, args=None,
-             max_length: int | None = None, max_tokens: int | None = None) -> "Classifier":
+             max_length: int | None = None, max_tokens: int | None = None, quantize: str = "none") -> "Classifier":
         """`model`: an adapter folder (its base: `checkpoint`, else the path the adapter recorded, checked by
         identity) or a merged folder. `args`: a parsed namespace of the runtime flags (scripts), instead of
-        device/precision."""
+        device/precision. `quantize`: none|int8|fp8 (lft.quantize: the base projections, LoRA and head stay float)."""
         from . import adapter
         from . import runtime as R
+        from .quantize import check_quantize, quantize_model
         import qwen3_classification_direct as qcd
 
         args = args or runtime_args(device, precision)
         dev = pick_device(args.device)
+        problems = []
+        check_quantize(quantize, dev, problems)  # before the minutes a large model takes to load
+        if problems:
+            raise UserError("; ".join(problems))
         rt = R.resolve(args, dev, world=1, training=False)
         net, tok, meta = adapter.load_classifier(checkpoint, model, rt.weight_dtype, rt.attn, dev)
         meta = {**meta, "fingerprint": adapter.fingerprint(model)}
+        quantize_model(net, quantize, rt)  # on the device (fp8 needs it), before compiling fuses around it
         if rt.compile:
             qcd.compile_decoder_layers(net)
-        return cls(net, tok, meta, rt, max_length, max_tokens)
+        clf = cls(net, tok, meta, rt, max_length, max_tokens)
+        clf.quantize = quantize
+        return clf
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, at most max_length per text (its first tokens). Special tokens in a text are text."""

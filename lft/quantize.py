@@ -1,0 +1,167 @@
+"""Quantised inference (torchao): which layers, which format, where each mode pays. Inference only.
+
+    p = ArgumentParser(...); add_quantize_arg(p)
+    problems = []; check_quantize(args, args.device, problems)        # before anything is loaded
+    names = quantize_model(model, args.quantize, runtime)             # after .to(device), before compiling
+
+What is quantised: the frozen base projections inside the decoder layers (q/k/v/o_proj, gate/up/down_proj; for a
+layer peft wraps with LoRA, its `base_layer`). Never the LoRA matrices (small, and what fine-tuning changed:
+rounding them would undo part of it), the `score` head or the embeddings. LoRA stays a separate float branch
+beside the quantised base; it is not merged first (merge=True exists for the bench): folding a LoRA delta of
+~1% of a weight into fp8 (3 mantissa bits, steps of ~6%) rounds most of it away.
+
+The modes:
+  none  bf16 (GPU) or fp32 (CPU) as before.
+  fp8   float8 e4m3 weights and dynamically quantised activations, row-wise scales (one per output channel and
+        one per token), fp8 tensor-core matmuls: the speed option on GPUs with fp8 (compute capability >= 8.9:
+        Ada, Hopper, Blackwell). Needs bf16 weights. Pays with torch.compile fusing the activation quantisation.
+  int8  int8 weights, row-wise scales: the memory option (base weights at half of bf16). On a GPU weight-only
+        (int8 weights cast up per matmul), made for small serving batches; over large evaluation rows it is
+        slower than bf16, so that case warns. On CPU int8 weights and dynamically quantised int8 activations
+        (int8 matmuls; a Qwen3-1.7B MLP on one core: 1.3x fp32 at 512 tokens, slower for a few tokens, where the
+        per-token quantisation costs more than it saves; weight-only was slower than fp32 at every size).
+"""
+from __future__ import annotations
+
+import re
+
+from .common import UserError, lazy_import
+
+torch = lazy_import("torch")  # loaded on first use: scripts declare --quantize before importing torch
+
+QUANTIZE_CHOICES = ("none", "int8", "fp8")
+TORCHAO_VERSION = "0.18.0"  # pinned in requirements-dev.txt; works with torch 2.11 (CUDA) and 2.13 (CPU)
+FP8_MIN_CAPABILITY = (8, 9)
+# int8 weight-only on a GPU: above this many tokens per forward it is slower than bf16 (on an H200 an MLP of
+# Qwen3-1.7B at 9,216 tokens took 850x as long). Provisional until bench/bench_quant.py fills bench/RESULTS.md.
+INT8_GPU_MAX_TOKENS = 1024
+# the base projections of a decoder layer, plain (merged folder) or inside a peft LoRA layer (".base_layer")
+BASE_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
+                         r"(?:\.base_layer)?$")
+
+
+def add_quantize_arg(p) -> None:
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                   help="quantise the base model's projections for inference (torchao): fp8 for speed on GPUs "
+                        "with fp8 (compute capability >= 8.9), int8 for memory; LoRA and head stay float")
+
+
+def _gpu(device) -> torch.device | None:
+    """The CUDA device a --device flag (or torch.device) will run on, or None for the CPU."""
+    kind = device.type if isinstance(device, torch.device) else str(device or "auto")
+    if kind == "cpu" or not torch.cuda.is_available():
+        return None
+    return device if isinstance(device, torch.device) and device.index is not None \
+        else torch.device("cuda", torch.cuda.current_device())
+
+
+def check_quantize(args, device, problems: list[str], tokens_per_row: int | None = None) -> list[str]:
+    """Append every problem with --quantize to `problems`; return warnings (lines without 'warning: ').
+    `args`: the parsed namespace (reads .quantize and the precision flags) or the mode itself."""
+    mode = args if isinstance(args, str) else getattr(args, "quantize", "none")
+    if mode not in QUANTIZE_CHOICES:
+        problems.append(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {mode!r}")
+        return []
+    if mode == "none":
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        problems.append(f"--quantize {mode} needs torchao: pip install torchao=={TORCHAO_VERSION}")
+    gpu = _gpu(device)
+    if mode == "fp8":
+        if gpu is None:
+            problems.append("--quantize fp8 needs a CUDA GPU with fp8 (compute capability >= 8.9); "
+                            "use --quantize int8 or none here")
+        elif torch.cuda.get_device_capability(gpu) < FP8_MIN_CAPABILITY:
+            cc = ".".join(map(str, torch.cuda.get_device_capability(gpu)))
+            problems.append(f"--quantize fp8: {torch.cuda.get_device_name(gpu)} has compute capability {cc}; "
+                            "fp8 matmuls need >= 8.9 (Ada, Hopper or newer); use --quantize int8 or none")
+        if not isinstance(args, str) and (getattr(args, "fp16", False) or getattr(args, "fp32", False)):
+            problems.append("--quantize fp8 needs bf16 base weights; drop --fp16/--fp32")
+    if mode == "int8" and gpu is not None and tokens_per_row and tokens_per_row > INT8_GPU_MAX_TOKENS:
+        return [f"--quantize int8 on a GPU saves memory, not time: with up to {tokens_per_row} tokens per row "
+                f"it is slower than bf16 (made for small serving batches; fp8 is the speed option)"]
+    return []
+
+
+def import_torchao():
+    """torchao.quantization (its log noise on CPU builds of torch is quieted in lft/__init__.py); a missing
+    torchao is a one-line error."""
+    try:
+        import torchao.quantization as tq
+    except ImportError as e:
+        raise UserError(f"--quantize needs torchao ({e}): pip install torchao=={TORCHAO_VERSION}") from None
+    return tq
+
+
+def config_for(mode: str, device, granularity: str = "row"):
+    """The torchao config of a mode on a device (see the module docstring). `granularity` of fp8 scales: 'row'
+    (one per output channel and per token) or 'tensor' (one per matrix): the bench compares both.
+    set_inductor_config=False: torchao's otherwise switches on process-wide inductor autotuning, which costs
+    compile time for every later compile in the process."""
+    tq = import_torchao()
+    gran = tq.PerRow() if granularity == "row" else tq.PerTensor()
+    if mode == "fp8":
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=gran, set_inductor_config=False)
+    if mode == "int8" and _gpu(device) is None:
+        return tq.Int8DynamicActivationInt8WeightConfig(granularity=gran, set_inductor_config=False)
+    if mode == "int8":
+        return tq.Int8WeightOnlyConfig(granularity=gran, set_inductor_config=False)
+    raise ValueError(f"no torchao config for --quantize {mode!r}")
+
+
+def is_base_linear(module: "torch.nn.Module", fqn: str) -> bool:
+    """torchao's filter: a plain nn.Linear that is a decoder layer's base projection (never lora_A/lora_B,
+    which live under '<proj>.lora_A.default', nor the head or the embeddings)."""
+    return type(module) is torch.nn.Linear and BASE_LINEAR.search(fqn) is not None
+
+
+def quantize_with(model: "torch.nn.Module", config) -> list[str]:
+    """Apply a torchao config to the base projections; the names quantised, in model order."""
+    tq = import_torchao()
+    names: list[str] = []
+
+    def pick(module, fqn):
+        hit = is_base_linear(module, fqn)
+        if hit:
+            names.append(fqn)
+        return hit
+
+    tq.quantize_(model, config, filter_fn=pick)
+    return names
+
+
+def quantize_model(model: "torch.nn.Module", mode: str, runtime, *, merge: bool = False,
+                   granularity: str = "row") -> list[str]:
+    """Quantise `model` (a qwen3_classification_direct.Qwen3Classifier already on its device) in place for
+    inference; return the names of the Linear layers quantised ([] for 'none'). `merge`: fold LoRA into the
+    base weights first (peft merge_and_unload; then the merged weights are quantised, LoRA included)."""
+    if mode == "none":
+        return []
+    if mode not in QUANTIZE_CHOICES:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {mode!r}")
+    if mode == "fp8" and runtime.weight_dtype != torch.bfloat16:
+        raise UserError(f"--quantize fp8 needs bf16 base weights, not {str(runtime.weight_dtype).split('.')[-1]}; "
+                        "drop --fp16/--fp32")
+    problems: list[str] = []
+    check_quantize(mode, runtime.device, problems)
+    if problems:
+        raise UserError("; ".join(problems))
+    if merge and hasattr(model.backbone, "merge_and_unload"):
+        model.backbone = model.backbone.merge_and_unload()
+    names = quantize_with(model, config_for(mode, runtime.device, granularity))
+    if not names:
+        raise UserError(f"--quantize {mode}: the model has no decoder projections to quantise")
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()  # the bf16 weights just replaced: give their memory back (what nvidia-smi shows)
+    return names
+
+
+def describe(mode: str, device) -> str:
+    """One phrase for the model line of a script."""
+    if mode == "none":
+        return "not quantised"
+    what = {"fp8": "fp8 weights + dynamic fp8 activations, row-wise scales",
+            "int8": "int8 weights + dynamic int8 activations" if _gpu(device) is None else "int8 weight-only"}[mode]
+    return f"quantised {mode} ({what}; base projections only, LoRA and head float)"

@@ -129,3 +129,12 @@ def explain_oom(fix: str):
 def safe_args(args) -> dict:
     """The run's arguments as recorded in args.json and every adapter: strings with any password removed."""
     return {k: redact(v) if isinstance(v, str) else v for k, v in vars(args).items()}
+
+
+def print_table(header: list[str], rows: list[list[str]], file=None) -> None:
+    """A plain text table: first column left-aligned, the others right-aligned, CJK counted as two columns."""
+    table = [header] + rows
+    widths = [max(display_width(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        print("  ".join(s + " " * (w - display_width(s)) if i == 0 else " " * (w - display_width(s)) + s
+                        for i, (s, w) in enumerate(zip(r, widths))), file=file)

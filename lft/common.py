@@ -185,3 +185,12 @@ def lazy_import(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def print_table(header: list[str], rows: list[list[str]], file=None) -> None:
+    """A plain text table: first column left-aligned, the others right-aligned, CJK counted as two columns."""
+    table = [header] + rows
+    widths = [max(display_width(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        print("  ".join(s + " " * (w - display_width(s)) if i == 0 else " " * (w - display_width(s)) + s
+                        for i, (s, w) in enumerate(zip(r, widths))), file=file)

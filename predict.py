@@ -27,19 +27,20 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from lft import mongo
 from lft import runtime as R
-from lft.common import ArgumentParser, UserError, explain_oom, print_table, redact, run_cli
+from lft.common import ArgumentParser, HelpFormatter, UserError, explain_oom, lazy_import, print_table, redact, run_cli
+from lft.quantize import add_quantize_arg, check_quantize
 from lft.stream import STDIO, name_rows, open_sink, open_source
+
+np = lazy_import("numpy")  # numpy, torch and the model load on first use: --help answers at once
 
 CHUNK = 8192  # rows per read/classify/write step; documents per bulk write
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     head, usage = __doc__.split("\n\n", 1)
-    p = ArgumentParser(description=head, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=head, epilog=usage, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--lora_model", required=True, help="adapter folder (best_model/) or merged folder")
     g.add_argument("--checkpoint", default=None, help="base Qwen3 folder (default: the base the adapter recorded)")
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--write_field", "--write-field", default=None,
                    help="field that receives {label, score, probs, model, at}; giving it selects MongoDB mode")
     R.add_runtime_args(p)
+    add_quantize_arg(p)
     args = p.parse_args(argv)
     check_args(args, p)
     return args
@@ -107,6 +109,7 @@ def check_args(args, p) -> None:
         if value is not None and value < (2 if name == "max_length" else 1):
             problems.append(f"--{name} must be >= {2 if name == 'max_length' else 1}")
     R.check_runtime_args(args, problems)
+    check_quantize(args, args.device, problems)
     args.labels = None
     if not Path(args.lora_model).is_dir():
         problems.append(f"--lora_model {args.lora_model}: not a folder")
@@ -209,9 +212,12 @@ def load_classifier(args, out):
 
     t = time.perf_counter()
     clf = Classifier.load(args.lora_model, args.checkpoint, args=args, max_length=args.max_length,
-                          max_tokens=args.max_tokens)
+                          max_tokens=args.max_tokens, quantize=args.quantize)
+    for line in check_quantize(args, clf.runtime.device, [], tokens_per_row=clf.max_tokens):
+        print(f"warning: {line}", file=out)
     print(f"model {redact(args.lora_model)} ({len(clf.labels)} labels, fingerprint {clf.identity}, "
-          f"{clf.runtime.precision}, max_length {clf.max_length}, {clf.max_tokens} tokens/row) loaded in "
+          f"{clf.runtime.precision}, quantize {args.quantize}, max_length {clf.max_length}, "
+          f"{clf.max_tokens} tokens/row) loaded in "
           f"{time.perf_counter() - t:.1f} s", file=out)
     return clf
 

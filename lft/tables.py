@@ -20,9 +20,9 @@ import re
 import zipfile
 from pathlib import Path
 
-import pandas as pd
+from .common import UserError, atomic_path, lazy_import
 
-from .common import UserError, atomic_path
+pd = lazy_import("pandas")  # loaded on first use: the scripts that read tables answer --help at once
 
 FORMATS = (".xlsx", ".csv", ".jsonl", ".parquet")
 EXCEL_MAX_ROWS = 1_048_576  # Excel's sheet limit, header row included

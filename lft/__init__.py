@@ -17,5 +17,8 @@ qwen3_classification_direct.py at the top level; the library never imports a scr
   signals     SIGTERM/Ctrl-C as a stop request the loop acts on
   metrics     confusion matrix -> every reported metric, tables, PNG
   dist        torchrun/DDP set-up and the few collectives the scripts need
+  serving     serve.py's HTTP server: request checks, token-budget dynamic batching, metrics, drain on SIGTERM
   demo        the embedded demo: a tiny local Qwen3 checkpoint, synthetic data, the scripts run end to end
 """
+
+__version__ = "0.12.0"  # reported by serve.py's /info

@@ -593,6 +593,8 @@ def run(service: Service, sock, load) -> int:
     finally:
         service.batcher.stop()
         service.pool.shutdown(wait=False, cancel_futures=True)
+        if service.state != "loading":  # let the worker leave torch before the interpreter shuts down
+            worker.join(timeout=10)
     if service.exit_code == 0:
         print("stopped", flush=True)
     return service.exit_code

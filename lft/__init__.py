@@ -20,9 +20,12 @@ qwen3_classification_direct.py at the top level; the library never imports a scr
   early_stopping  patience on the validation macro-F1, with checkpointable state
   tracking    --report_to tensorboard/mlflow/wandb/trackio (local files, optional packages)
   config      --config FILE (YAML/JSON, a run's args.json) between the defaults and the command line
+  serving     serve.py's HTTP server: request checks, token-budget dynamic batching, metrics, drain on SIGTERM
   demo        the embedded demo: a tiny local Qwen3 checkpoint, synthetic data, the scripts run end to end
 """
 import logging as _logging
+
+__version__ = "0.12.0"  # reported by serve.py's /info
 
 # With torchao installed (lft.quantize), transformers imports it at every model load; on a CPU build of torch its
 # CUDA extensions then log "Failed to load ..._C_*.so" and torch logs a deprecation per torchao enum. Neither is

@@ -1,6 +1,7 @@
 """Inference: the one path from token ids to class probabilities, and the Python API that labels new texts.
 
-Training's evaluation, test_saved_lora.py, predict.py and serve.py all go through `Predictor`:
+Training's evaluation, test_saved_lora.py, predict.py and serve.py (lft/serving.py) all go through
+`Predictor`:
 
     pred = Predictor(model, runtime, pad_id, max_length)
     probs = pred.probs(input_ids, batches)   # {text index: probabilities (num_labels,)} on the CPU
@@ -194,8 +195,12 @@ class Classifier:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, at most max_length per text (its first tokens). Special tokens in a text are text."""
-        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-        return [x[:self.max_length] or [self.tokenizer.pad_token_id] for x in ids]
+        return [x[:self.max_length] or [self.tokenizer.pad_token_id] for x in self.token_ids(texts)]
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Every token id of each text, none cut (serve.py refuses a text over max_length unless asked to cut).
+        Safe to call from several threads: it never changes the tokenizer's truncation or padding."""
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """(n, num_labels) float32 probabilities, in the order given."""

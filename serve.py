@@ -22,12 +22,13 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from lft import runtime as R  # noqa: E402  (imports torch; transformers, fastapi, uvicorn come after parsing)
-from lft.common import ArgumentParser, UserError, redact, run_cli  # noqa: E402
+from lft import runtime as R  # noqa: E402  (torch, transformers, fastapi and uvicorn load after parsing)
+from lft.common import ArgumentParser, HelpFormatter, UserError, redact, run_cli  # noqa: E402
+from lft.quantize import add_quantize_arg, check_quantize  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # model
     p.add_argument("--lora_model", required=True, help="adapter folder (best_model/) or merged folder")
     p.add_argument("--checkpoint", default=None, help="base Qwen3 folder (default: the base the adapter recorded; "
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_concurrent_requests", type=int, default=512,
                    help="classification requests in flight; more get 429")
     R.add_runtime_args(p)
+    add_quantize_arg(p)
     args = p.parse_args(argv)
     problems = []
     for flag in ("max_batch_tokens", "max_texts_per_request", "max_chars_per_text", "max_body_bytes",
@@ -75,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append(f"--api_key_env {args.api_key_env}: that environment variable is not set or empty "
                         f"(export {args.api_key_env}=<key>; the key never goes on the command line)")
     R.check_runtime_args(args, problems)
+    check_quantize(args, args.device, problems, tokens_per_row=args.max_batch_tokens)
     if problems:
         raise UserError("; ".join(problems))
     return args
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
 
     def load():
         return Classifier.load(args.lora_model, args.checkpoint, args=args, max_length=args.max_length,
-                               max_tokens=args.max_batch_tokens)
+                               max_tokens=args.max_batch_tokens, quantize=args.quantize)
     return serving.run(service, sock, load)
 
 

@@ -414,7 +414,8 @@ class Service:
         meta = clf.meta
         return {"model_id": self.s.model_name, "model_identity": clf.identity, "labels": self.labels,
                 "num_labels": len(self.labels), "max_length": clf.max_length, "pooling": meta.get("pooling"),
-                "precision": rt.precision, "device": str(rt.device), "packing": rt.packing, "attention": rt.attn,
+                "precision": rt.precision, "quantize": getattr(clf, "quantize", "none"), "device": str(rt.device),
+                "packing": rt.packing, "attention": rt.attn,
                 "cuda_graphs": rt.eval_graphs, "base": meta.get("base", {}).get("name"),
                 "base_architecture_sha256": meta.get("base", {}).get("architecture_sha256"),
                 "thresholds": {self.labels[k]: v for k, v in sorted(self.thresholds.items())},

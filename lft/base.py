@@ -175,7 +175,7 @@ def tensor_checksums(backbone, checkpoint) -> dict[str, list[float]]:
             if not (math.isfinite(a) and math.isfinite(n)):
                 raise UserError(f"--checkpoint {redact(str(checkpoint))}: weight {name.removeprefix('base_model.model.')}"
                                 " holds NaN or inf values; the base model is damaged: download it again")
-            out[name.removeprefix("base_model.model.")] = [a, n]
+            out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = [a, n]  # with LoRA too
     return out
 
 

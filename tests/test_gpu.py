@@ -20,10 +20,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def run(ckpt, data, out, *extra):
+    """train_lora.main on the tiny model; compiled only where a test says so (compiling costs ~30 s a run and
+    the graphs, varlen attention and the optimizer paths are the same without it)."""
+    compiled = "--compile" in map(str, extra)
     return train_lora.main(["--checkpoint", str(ckpt), "--train_data", str(data["train"]), "--val_data",
                             str(data["val"]), "--output_dir", str(out), "--max_length", "64", "--batch_size", "8",
                             "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3", "--lora_r", "16",
-                            "--lora_alpha", "32", "--logging_steps", "1", "--no_progress", *map(str, extra)])
+                            "--lora_alpha", "32", "--logging_steps", "1", "--no_progress",
+                            *([] if compiled else ["--compile", "off"]), *map(str, extra)])
 
 
 def log(out):
@@ -46,7 +50,8 @@ def graph_sets(monkeypatch):
 
 def test_cuda_training_learns_with_graphs_on_held_out_test(tiny_ckpt, demo_data, tmp_path, graph_sets):
     out = tmp_path / "learn"
-    assert run(tiny_ckpt, demo_data, out, "--num_epochs", 4, "--eval_steps", 27, "--test_data", demo_data["test"]) == 0
+    assert run(tiny_ckpt, demo_data, out, "--num_epochs", 4, "--eval_steps", 27, "--test_data", demo_data["test"],
+               "--compile", "on") == 0
     res = json.loads((out / "test_results.json").read_text())
     assert res["macro_f1"] >= 0.9, res["macro_f1"]
     assert len(graph_sets) >= 2 and all(g.captures > 0 for g in graph_sets)  # training steps and evaluation
@@ -68,7 +73,8 @@ def test_evaluation_graphs_equal_eager(tiny_ckpt, demo_data, tmp_path):
     for flag in ("on", "off"):
         assert test_saved_lora.main(["--lora_model", str(tmp_path / "m" / "best_model"), "--checkpoint",
                                      str(tiny_ckpt), "--test_data", str(demo_data["test"]), "--output_dir",
-                                     str(tmp_path / flag), "--cuda_graphs", flag, "--predictions_format", "csv"]) == 0
+                                     str(tmp_path / flag), "--cuda_graphs", flag, "--predictions_format", "csv",
+                                     "--compile", "off"]) == 0
         results[flag] = json.loads((tmp_path / flag / "test_results.json").read_text())
     assert results["on"]["confusion_matrix"] == results["off"]["confusion_matrix"]
 

@@ -29,7 +29,9 @@ def test_main_prints_the_table(tiny_ckpt, tmp_path, capsys):
                                                                                              dropout=0.0))
     args = {"learning_rate": 5e-05, "labels": None, "lora_r": 4, "output_dir": "/runs/" + "a" * 100}
     meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": args, "metrics": None, "base": identity}
-    qcd.save_adapter(model, tmp_path / "adapter", meta)
+    from lft import adapter
+
+    adapter.save_adapter(model, tmp_path / "adapter", meta)
     assert load_model.main(["--checkpoint", str(tiny_ckpt), "--lora_model", str(tmp_path / "adapter"),
                             "--dtype", "float32"]) == 0
     out = capsys.readouterr().out.splitlines()

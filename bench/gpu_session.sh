@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: set up the carried wheels, then run the named phases, each under its own time limit, with
+# every log under $OUT. Usage: bash bench/gpu_session.sh PHASE[:SECONDS] ...
+#   tests     pytest -m gpu (tests/test_gpu.py, tests/test_quantize.py)
+#   predict   bench/bench_predict.py          serve   bench/bench_serve.py
+#   quant     bench/bench_quant.py (QUANT_ONLY selects variants)
+#   train     bench/bench_gpu.py default rows (--skip ref --quick)
+#   memory    bench/bench_memory.py (capped-memory runs of the original recipe)
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+mkdir -p "$OUT"
+for spec in "$@"; do
+  phase=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
+  echo "=== $phase (limit ${limit} s) $(date +%T)"
+  case $phase in
+    tests)   cmd=(python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_quantize.py -p no:cacheprovider -x) ;;
+    predict) cmd=(python3 bench/bench_predict.py --out "$OUT/predict") ;;
+    serve)   cmd=(python3 bench/bench_serve.py --out "$OUT/serve") ;;
+    quant)   cmd=(python3 bench/bench_quant.py --out "$OUT/quant" --only "${QUANT_ONLY:-}") ;;
+    train)   cmd=(python3 bench/bench_gpu.py --skip ref --quick --out "$OUT/train") ;;
+    memory)  cmd=(python3 bench/bench_memory.py --out "$OUT/memory") ;;
+    *) echo "unknown phase $phase"; continue ;;
+  esac
+  timeout -k 10 "$limit" "${cmd[@]}" > "$OUT/$phase.log" 2>&1
+  echo "exit $? after $SECONDS s"; tail -n 25 "$OUT/$phase.log"
+done

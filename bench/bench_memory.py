@@ -1,0 +1,92 @@
+"""The original recipe on the cards users have: train_lora.py at its defaults (and --fp16) on the Qwen3-1.7B-shaped
+checkpoint, each run in its own process capped with torch.cuda.set_per_process_memory_fraction to what a smaller
+card holds. Reports real tokens/s (median log interval after the first), peak allocated and reserved memory
+(reserved is what nvidia-smi shows, less the CUDA context), the start-up line, and how a failing run ends.
+
+    python bench/bench_memory.py [--steps 120] [--caps none,22,14] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import build_checkpoint_folder, script_data  # noqa: E402
+
+CAPPED = """import sys, torch, runpy
+cap = float(sys.argv[1])
+if cap > 0:
+    torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+sys.argv = ["train_lora.py"] + sys.argv[2:]
+runpy.run_path("train_lora.py", run_name="__main__")
+"""
+
+
+def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Path, flags: list[str]) -> dict:
+    out = work / f"mem_{name}"
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", CAPPED, str(cap), "--checkpoint", str(ckpt), "--train_data", str(train),
+                        "--val_data", str(val), "--output_dir", str(out), "--num_epochs", "1", "--no_progress",
+                        "--logging_steps", "20", "--eval_steps", "100000", "--batch_size", "18",
+                        "--max_length", "256", *flags], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    logs = []
+    if (out / "metrics.jsonl").is_file():
+        logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logs if "tokens_per_s" in r]
+    mid = sorted(steps[1:] or steps, key=lambda x: x["tokens_per_s"])[len(steps[1:] or steps) // 2] if steps else {}
+    ready = next((line for line in r.stdout.splitlines() if line.startswith("ready in")), "")
+    row = {"run": name, "cap_gib": cap or None, "flags": " ".join(flags) or "defaults", "rc": r.returncode,
+           "wall_s": round(wall, 1), "tokens_s": mid.get("tokens_per_s"), "ready": ready,
+           "peak_alloc_gib": max((x.get("peak_alloc_gib", 0) for x in steps), default=None),
+           "peak_reserved_gib": max((x.get("peak_reserved_gib", 0) for x in steps), default=None),
+           "error": (r.stderr.strip().splitlines() or [""])[-1][:300] if r.returncode else ""}
+    print(json.dumps(row, ensure_ascii=False), flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (36 texts each)")
+    p.add_argument("--caps", default="none,22,14", help="GiB caps to run the defaults under ('none': uncapped)")
+    p.add_argument("--fp16", action="store_true", help="also run --fp16 uncapped")
+    p.add_argument("--workdir", default="/tmp/lft_bench")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+    work, out = Path(args.workdir), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = build_checkpoint_folder(work / "qwen3-1.7b-shaped")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    train = script_data(work, tok, args.steps * 36, 40, "mem_train")
+    val = script_data(work, tok, 360, 41, "mem_val")
+    rows = []
+    for cap in args.caps.split(","):
+        c = 0.0 if cap == "none" else float(cap)
+        rows.append(one_run(f"defaults_cap{cap}", c, ckpt, train, val, work, []))
+        (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
+    if args.fp16:
+        rows.append(one_run("fp16", 0.0, ckpt, train, val, work, ["--fp16"]))
+        (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
+    print("\n| run | cap GiB | rc | real tokens/s | peak alloc GiB | peak reserved GiB | wall s | ready |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tps = f"{r['tokens_s'] / 1e3:.1f}k" if r["tokens_s"] else "-"
+        print(f"| {r['flags']} | {r['cap_gib'] or '-'} | {r['rc']} | {tps} | {r['peak_alloc_gib'] or '-'} | "
+              f"{r['peak_reserved_gib'] or '-'} | {r['wall_s']} | {r['ready'] or r['error']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,7 @@ import argparse
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lft import mongo
@@ -178,11 +179,11 @@ class Labeller:
         self.clf, self.thresholds = clf, thresholds
         self.counts, self.tokens, self.texts, self.bad = Counter(), 0, 0, 0
 
-    def __call__(self, texts: list[str]):
-        """(probabilities (n, labels), chosen label ids)."""
+    def __call__(self, texts: list[str], ids: list[list[int]] | None = None):
+        """(probabilities (n, labels), chosen label ids). `ids`: the texts already tokenised (clf.encode)."""
         from lft.predict import choose_labels
 
-        ids = self.clf.encode(texts)
+        ids = self.clf.encode(texts) if ids is None else ids
         P = self.clf.proba_of_ids(ids)
         chosen = choose_labels(P, self.thresholds)
         self.tokens += sum(map(len, ids))
@@ -256,9 +257,17 @@ def run_files(args) -> int:
     clf = load_classifier(args, out)
     lab = Labeller(clf, args.thresholds)
     t0 = time.perf_counter()
-    with open_sink(args.output, src, args.id_column) as write, progress(args, src.total, "predict") as bar:
+    def read_and_tokenise():  # runs in a thread, a chunk or two ahead of the model
         for chunk in src.chunks(args.chunk_size):
             keep = [i for i, t in enumerate(chunk.texts) if t is not None]
+            yield chunk, keep, clf.encode([chunk.texts[i] for i in keep])
+
+    with open_sink(args.output, src, args.id_column) as write, progress(args, src.total, "predict") as bar, \
+            ThreadPoolExecutor(1) as writer:
+        # three stages overlap: reading + tokenising (a thread), the model (here), writing (a thread); the
+        # tokenizer and the GPU release the GIL, so the GPU is not left waiting on pandas or the disk
+        written = []
+        for chunk, keep, ids in in_background(read_and_tokenise(), depth=2):
             if len(keep) < len(chunk.texts):
                 bad = [chunk.rows[i] for i in range(len(chunk.texts)) if chunk.texts[i] is None]
                 if not args.skip_bad_rows:  # only stdin gets here: files were checked above
@@ -266,14 +275,51 @@ def run_files(args) -> int:
                                     f"{name_rows(bad, len(bad))} (lines before this chunk were written); fix them "
                                     "or pass --skip_bad_rows")
                 lab.bad += len(bad)
-            P, chosen = lab([chunk.texts[i] for i in keep])
-            write(chunk, columns_for(clf.labels, P, chosen, keep, len(chunk.texts)))
+            P, chosen = lab([chunk.texts[i] for i in keep], ids)
+            written.append(writer.submit(write, chunk, columns_for(clf.labels, P, chosen, keep, len(chunk.texts))))
+            while written and written[0].done():
+                written.pop(0).result()  # a failed write stops the run here
             bar.update(len(chunk.texts))
+        for w in written:
+            w.result()
     seconds = time.perf_counter() - t0
     lab.summary(seconds, out, [["skipped (no text)", f"{lab.bad:,}", ""]] if args.skip_bad_rows else [])
     if args.output != STDIO:
         print(f"wrote {lab.texts + lab.bad:,} rows to {args.output}", file=out)
     return 0
+
+
+def in_background(items, depth: int = 2):
+    """Iterate `items` in a thread, `depth` items ahead of the consumer; an exception is raised here, in order."""
+    import queue
+    import threading
+
+    q, stop, end = queue.Queue(maxsize=depth), threading.Event(), object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="read-tokenise")
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 # --- MongoDB in place ----------------------------------------------------------------------------------------

@@ -126,4 +126,7 @@ def test_gpu_quantised_defaults_agree_with_bf16(trained, mode):
     clf = Classifier.load(folder, device="cuda", quantize=mode)
     assert len(quantised_names(clf.model)) == 2 * len(PROJ)
     P = clf.predict_proba(texts)
-    assert np.abs(P - ref).max() < PROB_TOL and (P.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    # fp8 (e4m3: 3 mantissa bits) errs ~6% per element, and in the tiny model's 64-wide layers nothing averages out:
+    # 0.069 was measured on the H200; int8 keeps PROB_TOL
+    assert np.abs(P - ref).max() < (0.1 if mode == "fp8" else PROB_TOL)
+    assert (P.argmax(1) == ref.argmax(1)).mean() >= 0.95

@@ -84,14 +84,17 @@ def run(args, d) -> int:
     model, tokenizer, meta = adapter.load_classifier(args.checkpoint, args.lora_model, rt.weight_dtype, rt.attn,
                                                      d.device)
     quantize_model(model, args.quantize, rt)  # on the device, before compiling
-    if rt.compile:
-        qcd.compile_decoder_layers(model)
     max_length = args.max_length or meta["max_length"]
     for line in check_quantize(args, d.device, [], tokens_per_row=args.batch_size * max_length):
         dist.print0(f"warning: {line}")
     D.tokenize_split(split, tokenizer, max_length, show=d.main and not args.no_progress)
     for line in split.notes:
         dist.print0(f"warning: {line}")
+    rt, note = R.for_job(rt, args, int(split.lengths.sum()) // d.world, "evaluation")  # this rank's share
+    if note:
+        dist.print0(f"note: {note}")
+    if rt.compile:
+        qcd.compile_decoder_layers(model)
     dist.print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {rt.precision}, "
            f"{describe(args.quantize, d.device)}); "
            f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")

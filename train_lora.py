@@ -184,6 +184,19 @@ def tokenize_data(splits: dict[str, D.Split], tokenizer, args, d: "dist.Dist") -
             dist.print0(f"warning: {line}")
 
 
+def estimated_tokens(splits: dict, args, world: int) -> int:
+    """The real tokens one process will put through the model, before tokenising (a Chinese character is about
+    one Qwen3 token): its share of the training texts every epoch, and of the validation texts at every
+    evaluation. Enough to tell a few-minute job from a long one (lft.runtime.for_job)."""
+    def chars(split) -> int:
+        return sum(min(len(t), args.max_length) for t in split.texts)
+
+    train = splits["train"]
+    steps = max(1, len(train) // (args.batch_size * args.gradient_accumulation_steps * world)) * args.num_epochs
+    evals = steps // args.eval_steps + 1
+    return (chars(train) * args.num_epochs + chars(splits["val"]) * evals) // world
+
+
 def lora_spec(args) -> dict:
     return dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                 targets=[t.strip() for t in args.lora_target_modules.split(",") if t.strip()])
@@ -335,6 +348,9 @@ class Trainer:
             saved = C.check_resume(resume, labels, args.pooling, lora_spec(args))
             warn_changed_recipe(resume, saved.get("args", {}), args, d.world)
         splits = load_data(args, labels)
+        rt, note = R.for_job(rt, args, estimated_tokens(splits, args, d.world), "training")
+        if note:
+            dist.print0(f"note: {note}")
         tokenizer = qcd.load_tokenizer(args.checkpoint)
 
         torch.manual_seed(args.seed)  # same head init on every rank

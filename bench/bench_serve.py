@@ -84,7 +84,8 @@ class Server:
     def __init__(self, args: list[str]):
         self.proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                     env=dict(os.environ, PYTHONPATH=str(REPO)))
+                                     env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                         filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))))
         self.url = self.ready_line = None
         ready = threading.Event()
 

@@ -143,6 +143,34 @@ def resolve(args, device: torch.device, world: int = 1, training: bool = False) 
                    step_graphs=graphs and training and world == 1 and not scaler)
 
 
+# Small jobs: the fast path (compiled layers + CUDA graphs) costs a fixed start-up and pays per token. Measured on
+# an H200 with the Qwen3-1.7B shape (bench/RESULTS.md, issue 13): evaluation runs ~95k real tokens/s without it
+# and ~170k with it, and compiling + capturing cost ~12 s (3,000 texts took 32-34 s with, 21 s without): even
+# at ~2.5M real tokens. Training runs ~20k tokens/s without and ~62k with, and compiling cold costs ~100 s: even
+# at ~3M tokens (~1,000 optimizer steps of the original recipe).
+SMALL_JOB_TOKENS = {"evaluation": 2_500_000, "training": 3_000_000}
+
+
+def for_job(rt: Runtime, args, tokens: int, kind: str) -> tuple[Runtime, str | None]:
+    """`rt` with compile and CUDA graphs off when the job is too small for them to pay (only where their flags
+    are 'auto'; 'on' is obeyed), and the line that says so; `tokens`: the real tokens the job will process."""
+    import dataclasses
+
+    if rt.device.type != "cuda" or tokens >= SMALL_JOB_TOKENS[kind]:
+        return rt, None
+    off = {}
+    if rt.compile and args.compile == "auto":
+        off["compile"] = False
+    if (rt.eval_graphs or rt.step_graphs) and args.cuda_graphs == "auto":
+        off.update(eval_graphs=False, step_graphs=False)
+    if not off:
+        return rt, None
+    what = " and ".join(x for x, k in (("compile", "compile"), ("CUDA graphs", "eval_graphs")) if k in off)
+    return dataclasses.replace(rt, **off), (
+        f"small {kind} job ({tokens:,} tokens < {SMALL_JOB_TOKENS[kind]:,}): {what} off, they would cost more "
+        f"start-up than they save (--compile on / --cuda_graphs on to force them)")
+
+
 def autocast(device, amp_dtype):
     """Autocast to `amp_dtype` on `device` (off when None), for every forward of the toolkit. Its cache of cast
     weights is off: a CUDA graph must not keep cached casts, and each weight is cast once per forward anyway."""

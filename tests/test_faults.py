@@ -268,12 +268,13 @@ def test_torchrun_restarts_after_a_worker_stops_or_dies_and_resumes(tiny_ckpt, d
 # --- non-finite losses ------------------------------------------------------------------------------------
 
 def poison_training_forward(monkeypatch, bad_calls) -> None:
-    """Training forward call n (n = optimizer step with accumulation 1) returns NaN logits if n in bad_calls."""
+    """Training forward call n (n = optimizer step with accumulation 1) returns NaN logits if n in bad_calls. The
+    start-up memory probe on a GPU (a row of nothing but padding) is not counted."""
     real, calls = qcd.Qwen3Classifier.forward, [0]
 
     def forward(self, *a, **k):
         logits = real(self, *a, **k)
-        if self.training:
+        if self.training and not bool((k["input_ids"] == 151643).all()):
             calls[0] += 1
             if calls[0] in bad_calls:
                 return logits * float("nan")

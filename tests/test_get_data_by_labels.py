@@ -545,19 +545,25 @@ def test_rank_key_is_pinned():
     assert gdl.rank_key(123, "你好", "a") == 0x04d0827317335a44ee9a7fb4c4297fbb94111931cc151f43
 
 
+def start_demo_server(cwd: Path, env: dict, *flags):
+    """tools/demo_mongo.py running, and its output up to the line that says it serves."""
+    demo = subprocess.Popen([sys.executable, str(REPO / "tools" / "demo_mongo.py"), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
+    lines = []
+    for line in demo.stdout:
+        lines.append(line)
+        if line.startswith("serving until Ctrl-C"):
+            break
+    return demo, lines
+
+
 def test_demo_server_command_works_end_to_end(tmp_path):
     """`python tools/demo_mongo.py` serves the demo data and prints a command that exports from it."""
     env = {k: v for k, v in os.environ.items() if k != "MONGO_PASSWORD"}
     env["OMP_NUM_THREADS"] = "1"
-    demo = subprocess.Popen([sys.executable, str(REPO / "tools" / "demo_mongo.py"), "--port", str(free_port()),
-                             "--storage", str(tmp_path / "db"), "--per-label", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    demo, lines = start_demo_server(tmp_path, env, "--port", str(free_port()), "--storage", str(tmp_path / "db"),
+                                    "--per-label", "60")
     try:
-        lines = []
-        for line in demo.stdout:
-            lines.append(line)
-            if line.startswith("serving until Ctrl-C"):
-                break
         command = next((x for x in lines if x.startswith("MONGO_PASSWORD=")), None)
         assert command, "".join(lines)
         assert "360 synthetic documents in scanadata.data_items" in lines[0]
@@ -582,15 +588,9 @@ def test_demo_server_command_works_end_to_end(tmp_path):
 def test_demo_server_stops_its_database_on_sigterm(tmp_path):
     """SIGTERM (kill, a CI runner's cleanup) stops the MongoDB-wire server too, and deletes its storage."""
     port = free_port()
-    demo = subprocess.Popen([sys.executable, str(REPO / "tools" / "demo_mongo.py"), "--port", str(port),
-                             "--per-label", "10"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    demo, lines = start_demo_server(tmp_path, dict(os.environ, OMP_NUM_THREADS="1"), "--port", str(port),
+                                    "--per-label", "10")
     try:
-        lines = []
-        for line in demo.stdout:
-            lines.append(line)
-            if line.startswith("serving until Ctrl-C"):
-                break
         storage = Path(re.search(r"; storage (\S+)$", lines[0].strip()).group(1))
         from pymongo import MongoClient
 

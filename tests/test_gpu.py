@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-import qwen3_classification_direct as qcd
 import test_saved_lora
 import train_lora
 from lft import cuda_graphs
 from lft.common import UserError
+from test_faults import poison_training_forward
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -22,12 +22,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def run(ckpt, data, out, *extra):
     """train_lora.main on the tiny model; compiled only where a test says so (compiling costs ~30 s a run and
     the graphs, varlen attention and the optimizer paths are the same without it)."""
-    compiled = "--compile" in map(str, extra)
+    extra = list(map(str, extra))
+    fast = [] if "--compile" in extra else ["--compile", "off"]
+    if "--cuda_graphs" not in extra and "--packing" not in extra:
+        fast += ["--cuda_graphs", "on"]  # the demo set is a small job: auto would leave graphs off
     return train_lora.main(["--checkpoint", str(ckpt), "--train_data", str(data["train"]), "--val_data",
                             str(data["val"]), "--output_dir", str(out), "--max_length", "64", "--batch_size", "8",
                             "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3", "--lora_r", "16",
-                            "--lora_alpha", "32", "--logging_steps", "1", "--no_progress",
-                            *([] if compiled else ["--compile", "off"]), *map(str, extra)])
+                            "--lora_alpha", "32", "--logging_steps", "1", "--no_progress", *fast, *extra])
 
 
 def log(out):
@@ -79,26 +81,10 @@ def test_evaluation_graphs_equal_eager(tiny_ckpt, demo_data, tmp_path):
     assert results["on"]["confusion_matrix"] == results["off"]["confusion_matrix"]
 
 
-def poison(monkeypatch, bad_calls):
-    """Training forward call n returns NaN logits when n is in bad_calls (the memory probe does not count)."""
-    real, calls = qcd.Qwen3Classifier.forward, [0]
-
-    def forward(self, *a, **k):
-        logits = real(self, *a, **k)
-        probe = bool((k["input_ids"] == 151643).all())
-        if self.training and not probe:
-            calls[0] += 1
-            if calls[0] in bad_calls:
-                return logits * float("nan")
-        return logits
-
-    monkeypatch.setattr(qcd.Qwen3Classifier, "forward", forward)
-
-
 def test_one_nan_step_is_skipped_on_the_device(tiny_ckpt, demo_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    poison(monkeypatch, {12})
+    poison_training_forward(monkeypatch, {12})
     out = tmp_path / "skip"
     assert run(tiny_ckpt, demo_data, out, "--num_epochs", 1, "--save_steps", 1, "--save_total_limit", 30,
                "--cuda_graphs", "off") == 0
@@ -109,7 +95,7 @@ def test_one_nan_step_is_skipped_on_the_device(tiny_ckpt, demo_data, tmp_path, m
 def test_a_run_of_nan_steps_stops_with_flags_read_one_step_late(tiny_ckpt, demo_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    poison(monkeypatch, range(8, 10_000))
+    poison_training_forward(monkeypatch, range(8, 10_000))
     out = tmp_path / "stop"
     with pytest.raises(UserError, match="3 consecutive steps with a non-finite loss \\(the last at step 10\\)"):
         run(tiny_ckpt, demo_data, out, "--num_epochs", 1, "--eval_steps", 5, "--save_steps", 5,

@@ -275,3 +275,20 @@ def test_a_signal_after_training_says_what_is_done(capsys):
     with pytest.raises(SystemExit) as e, announce_signals("best_model is complete"):
         os.kill(os.getpid(), signal.SIGTERM)
     assert e.value.code == 143 and "SIGTERM received: best_model is complete" in capsys.readouterr().err
+
+
+def test_ddp_micro_batches_left_out_are_said(tiny_ckpt, demo_data, tmp_path):
+    """216 texts in micro-batches of 7: 31 micro-batches, steps of 2 (one per process): the 31st is left out of
+    every epoch, and the banner says so."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train_lora.py"), *base_args(tiny_ckpt, demo_data, tmp_path / "ddp", "--num_epochs", "1",
+                                                   "--batch_size", "7", "--gradient_accumulation_steps", "1",
+                                                   "--eval_steps", "100")]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warning: 1 micro-batch(es) of up to 7 texts per epoch are left out" in r.stdout

@@ -57,7 +57,7 @@ def test_tokenizer_matches_qwen_tiktoken(tiny_ckpt, demo_data):
     assert [a["id"] for a in tj["added_tokens"]] == list(range(151643, 151669))
 
 
-def test_evaluation_cli_outputs(tiny_ckpt, demo_data, tmp_path):
+def test_evaluation_cli_outputs(tiny_ckpt, demo_data, tmp_path, capfd):
     import train_lora
 
     out = tmp_path / "run"
@@ -76,8 +76,11 @@ def test_evaluation_cli_outputs(tiny_ckpt, demo_data, tmp_path):
     assert abs(pred["correct"].mean() - a["accuracy"]) < 1e-12
     # the merged export evaluates to the same numbers without --checkpoint
     ev2 = tmp_path / "eval_merged"
+    capfd.readouterr()
     assert test_saved_lora.main(["--lora_model", str(out / "best_model_merged"), "--test_data",
                                  str(demo_data["test"]), "--output_dir", str(ev2)]) == 0
+    shown = capfd.readouterr()
+    assert "UNEXPECTED" not in shown.out + shown.err and "score.weight" not in shown.out + shown.err
     b = json.loads((ev2 / "test_results.json").read_text())
     assert b["confusion_matrix"] == a["confusion_matrix"]
     # 2 gloo processes: each predicts its shard, the confusion matrices are all-reduced: every text once

@@ -65,3 +65,18 @@ def test_bf16_flag_on_a_gpu_without_bf16_is_an_error(gpu):
     problems = []
     R.check_runtime_args(flags(bf16=True), problems)
     assert problems == ["--bf16: this GPU has no bf16; use --fp16"]
+
+
+def test_small_jobs_skip_the_fast_path_unless_forced(gpu):
+    dev = gpu(9, 0)
+    rt = R.resolve(flags(), dev, training=False)
+    small, note = R.for_job(rt, flags(), 250_000, "evaluation")  # 3,000 texts: 21 s plain vs 33 s fast
+    assert not small.compile and not small.eval_graphs and small.attn == R.VARLEN and small.packing
+    assert note.startswith("small evaluation job (250,000 tokens < 2,500,000): compile and CUDA graphs off")
+    big, note = R.for_job(rt, flags(), 10_000_000, "evaluation")
+    assert big is rt and note is None
+    forced = R.resolve(flags(compile="on", cuda_graphs="on"), dev, training=True)
+    kept, note = R.for_job(forced, flags(compile="on", cuda_graphs="on"), 1000, "training")
+    assert kept is forced and note is None
+    cpu = R.resolve(flags(), torch.device("cpu"))
+    assert R.for_job(cpu, flags(), 10, "training") == (cpu, None)

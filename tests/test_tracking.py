@@ -199,22 +199,33 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert [(row["_step"], row["train/loss"]) for row in rows if "train/loss" in row] == [(20, 1.0)]
 
 
-# --- trackio: not in requirements-dev (it downgrades pillow); runs where it is installed ------------------
+# --- trackio: in a fresh process (it fixes its storage folder when first imported) --------------------------
 
-def test_trackio(tmp_path, monkeypatch):
-    if importlib.util.find_spec("trackio") is None:
-        pytest.skip("trackio is optional and not in requirements-dev.txt")
-    if "trackio" in sys.modules:
-        pytest.skip("trackio was imported before: its folder is fixed for this process")
-    monkeypatch.delenv("TRACKIO_DIR", raising=False)
-    write_run("trackio", tmp_path, run_name="r1")
-    from trackio.sqlite_storage import SQLiteStorage
+TRACKIO_CHILD = """
+import json, sys
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from pathlib import Path
+import test_tracking as T
+T.write_run("trackio", Path(sys.argv[1]), run_name="r1")
+from trackio.sqlite_storage import SQLiteStorage
+got = {}
+for row in SQLiteStorage.get_logs("LLM_Fine_Tuning", "r1"):
+    for k, v in row.items():
+        if k not in ("step", "timestamp"):
+            got.setdefault(k, []).append([row["step"], v])
+print(json.dumps(got))
+"""
 
+
+def test_trackio(tmp_path):
+    import subprocess
+
+    from conftest import REPO, subprocess_env
+
+    env = {k: v for k, v in subprocess_env().items() if k != "TRACKIO_DIR"}
+    r = subprocess.run([sys.executable, "-c", TRACKIO_CHILD, str(tmp_path), str(REPO), str(REPO / "tests")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "trackio" / "LLM_Fine_Tuning.db").is_file()
-    logs = SQLiteStorage.get_logs("LLM_Fine_Tuning", "r1")
-    got = {}
-    for row in logs:
-        for k, v in row.items():
-            if k not in ("step", "timestamp"):
-                got.setdefault(k, []).append((row["step"], v))
-    assert {k: got[k] for k in WANT} == WANT
+    got = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))  # trackio prints too
+    assert {k: [tuple(x) for x in got[k]] for k in WANT} == WANT

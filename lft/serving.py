@@ -435,6 +435,33 @@ class Service:
         return self.state in ("draining", "failed") and (self.in_flight == 0 or time.monotonic() > self.drain_deadline)
 
 
+def check_api_key(request, api_key: str | None) -> None:
+    """401 unless the request carries `Authorization: Bearer <api_key>` (compared in constant time)."""
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`")
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, or 413 past `limit` bytes. An oversized body is read (and dropped) up to a cap, so the
+    client gets the 413 instead of a reset connection."""
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n <= limit:
+            chunks.append(chunk)
+        elif n > limit + (64 << 20):
+            break
+    if too_big or n > limit:
+        raise ApiError(413, f"request body has {max(n, int(declared or 0))} bytes; at most {limit} "
+                            "(--max_body_bytes)")
+    return b"".join(chunks)
+
+
 def make_app(service: Service):
     """The FastAPI app; bodies are read and checked by hand (limits, messages naming the field)."""
     from fastapi import FastAPI, Request
@@ -445,29 +472,11 @@ def make_app(service: Service):
     s = service.s
     app = FastAPI(title="lft classifier", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def authorise(request: Request) -> None:
-        if s.api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), s.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`")
+    def authorise(request) -> None:
+        check_api_key(request, s.api_key)
 
-    async def read_json(request: Request):
-        limit = s.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        too_big = declared.isdigit() and int(declared) > limit
-        chunks, n = [], 0
-        async for chunk in request.stream():  # read (and drop) an oversized body, up to a cap: the client then
-            n += len(chunk)                     # gets the 413 instead of a reset connection
-            if n <= limit:
-                chunks.append(chunk)
-            elif n > limit + (64 << 20):
-                break
-        if too_big or n > limit:
-            raise ApiError(413, f"request body has {max(n, int(declared or 0))} bytes; at most {limit} "
-                                "(--max_body_bytes)")
-        return parse_json(b"".join(chunks))
+    async def read_json(request):
+        return parse_json(await read_body(request, s.max_body_bytes))
 
     async def classify_texts(request: Request, route: str, parse):
         """The shared path of both formats: auth, state, body, tokens, the queue."""

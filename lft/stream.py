@@ -6,13 +6,14 @@
         for chunk in src.chunks(10_000):                      # Chunk(rows, texts, data)
             write(chunk, {"label": [...], "score": [...], ...})
 
-Formats, by suffix: .csv (pandas read_csv(chunksize) / to_csv append), .jsonl and `-` (stdin/stdout; one JSON
+Formats, by suffix: .csv (lft.tables' strict csv reading, a chunk at a time / to_csv append, CRLF line ends
+as lft.tables writes them), .jsonl and `-` (stdin/stdout; one JSON
 object per line, parsed and written line by line: every field passes through untouched), .parquet (pyarrow
 iter_batches / ParquetWriter: column types kept), .xlsx (read whole and written with lft.tables.write_table:
 Excel's row limit bounds it). Output rows keep the input's order and columns; an id column goes first.
 
-Rows are named as users find them: csv/xlsx rows count the header line (data row 1 is row 2), jsonl lines are
-the file's own line numbers (blank lines included), parquet rows count from 1.
+Rows are named as users find them: csv and jsonl by the file's own line numbers (blank lines included), xlsx by
+the sheet's row numbers (the header is row 1), parquet rows from 1.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .common import UserError, atomic_path
-from .tables import read_table, table_format, write_table
+from .tables import read_csv_chunks, read_table_rows, table_format, write_table
 
 STDIO = "-"
 SHOW_ROWS = 8  # row numbers named in a message
@@ -103,49 +104,18 @@ def _read_error(path, fmt: str, e: Exception) -> UserError:
 
 
 class CsvSource(Source):
+    """The strict csv reading of lft.tables (a stray quote names its line, blank lines keep the file's line
+    numbers, a duplicated header is an error), a chunk at a time. Rows are named by their file line, as the
+    trainer's errors name them."""
+
     def __init__(self, path, text_column):
         super().__init__(path, text_column)
-        self.columns = [str(c) for c in self._read(nrows=0).columns]
-
-    def _read(self, **kw):
-        import pandas as pd
-
-        try:
-            return pd.read_csv(self.path, dtype=object, keep_default_na=False, na_values=[""], encoding="utf-8-sig",
-                               **kw)
-        except UnicodeDecodeError:
-            raise UserError(f"{self.path}: not UTF-8 text; re-save it as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
-        except pd.errors.EmptyDataError:
-            raise UserError(f"{self.path}: file is empty") from None
-        except (ValueError, pd.errors.ParserError) as e:
-            raise _read_error(self.path, "csv", e) from None
-
-    def _iter(self, size, **kw):
-        import pandas as pd
-
-        reader = self._read(chunksize=size, **kw)
-        start = 0
-        with reader:
-            while True:
-                try:
-                    df = next(reader)
-                except StopIteration:
-                    return
-                except UnicodeDecodeError:
-                    raise UserError(f"{self.path}: not UTF-8 text; re-save it as UTF-8") from None
-                except (ValueError, pd.errors.ParserError) as e:
-                    raise _read_error(self.path, "csv", e) from None
-                rows = list(range(start + 2, start + 2 + len(df)))
-                start += len(df)
-                yield df, rows
-
-    def _texts(self, size):
-        for df, rows in self._iter(size, usecols=[self.text_column]):
-            yield rows, [as_text(v) for v in df[self.text_column].tolist()]
+        self.columns = [str(c) for c in read_csv_chunks(self.path, 1)[0]]
 
     def chunks(self, size):
-        for df, rows in self._iter(size):
-            yield Chunk(rows, [as_text(v) for v in df[self.text_column].tolist()], df)
+        for df, lines in read_csv_chunks(self.path, size)[1]:
+            df.columns = self.columns
+            yield Chunk(lines, [as_text(v) for v in df[self.text_column].tolist()], df)
 
 
 class JsonlSource(Source):
@@ -227,7 +197,7 @@ class ParquetSource(Source):
 class XlsxSource(Source):
     def __init__(self, path, text_column):
         super().__init__(path, text_column)
-        self.df = read_table(path)
+        self.df, self.where = read_table_rows(path)  # where: each row's number in the sheet
         self.columns = [str(c) for c in self.df.columns]
         self.df.columns = self.columns
         self.total = len(self.df)
@@ -235,8 +205,7 @@ class XlsxSource(Source):
     def chunks(self, size):
         for start in range(0, len(self.df), size):
             df = self.df.iloc[start:start + size]
-            yield Chunk(list(range(start + 2, start + 2 + len(df))),
-                        [as_text(v) for v in df[self.text_column].tolist()], df)
+            yield Chunk(self.where[start:start + size], [as_text(v) for v in df[self.text_column].tolist()], df)
 
 
 def open_source(path, text_column: str) -> Source:
@@ -285,12 +254,14 @@ def open_sink(path, src: Source, id_column: str | None = None):
             with open(tmp, "w", encoding="utf-8", newline="") as f:
                 first = [True]
 
-                def write(chunk, new):
-                    _frame(chunk.data, new, src.columns, id_column).to_csv(f, index=False, header=first[0])
+                def write(chunk, new):  # CRLF, as lft.tables writes csv: a text holding "\r" is then quoted
+                    _frame(chunk.data, new, src.columns, id_column).to_csv(f, index=False, header=first[0],
+                                                                          lineterminator="\r\n")
                     first[0] = False
                 yield write
                 if first[0]:  # no rows: the header alone
-                    _frame(_empty_frame(src.columns), {}, src.columns, id_column).to_csv(f, index=False)
+                    _frame(_empty_frame(src.columns), {}, src.columns, id_column).to_csv(f, index=False,
+                                                                                        lineterminator="\r\n")
         else:
             with _parquet_writer(tmp, src, id_column) as write:
                 yield write

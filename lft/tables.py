@@ -14,6 +14,7 @@ the same in every format:
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import re
@@ -253,35 +254,82 @@ def _write_xlsx(df: pd.DataFrame, path: Path, tmp: Path) -> None:
 def _read_csv(path: Path):
     """csv with Python's csv module in strict mode: a stray quote is an error naming its line, not a row that
     silently swallows the lines after it (pandas' parser merges them, or drops the quotes)."""
+    header, chunks = _csv_chunks(path, size=None)
+    rows, where = [], []
+    for part_rows, part_where in chunks:
+        rows += part_rows
+        where += part_where
+    return header, rows, where
+
+
+def read_csv_chunks(path, size: int) -> tuple[list, "object"]:
+    """(column names, an iterator of (DataFrame of up to `size` rows, their file lines)): the strict reading of
+    read_table, `size` rows at a time in bounded memory (predict.py). Rows with no value at all are skipped, like
+    blank lines; a duplicated header is an error."""
+    path = Path(path)
+    header, chunks = _csv_chunks(path, size)
+    _check_header(path, ".csv", header)
+
+    def frames():
+        for rows, where in chunks:
+            keep = [k for k, r in enumerate(rows) if any(v is not None for v in r)]
+            rows, where = [rows[k] for k in keep], [where[k] for k in keep]
+            yield pd.DataFrame([list(r) + [None] * (len(header) - len(r)) for r in rows], columns=header,
+                               dtype=object), where
+    return header, frames()
+
+
+def _csv_chunks(path: Path, size: int | None):
+    """(column names, an iterator of (rows, their first lines)), `size` records at a time (None: all at once).
+    Every check of the strict reading applies to each chunk: quotes, fields past the header, merged lines."""
     csv.field_size_limit(1 << 30)
     try:
-        with path.open("r", encoding="utf-8-sig", newline="") as f:
-            records, starts = [], []
-            reader = csv.reader(f, strict=True)
-            start = 1
-            while True:
-                try:
-                    record = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as e:
-                    raise UserError(_csv_quote_error(path, start, str(e))) from None
-                if record:  # a blank line is skipped, but counted
-                    records.append(record)
-                    starts.append(start)
-                start = reader.line_num + 1
+        f = path.open("r", encoding="utf-8-sig", newline="")
+        reader = csv.reader(f, strict=True)
+        records = _csv_records(path, reader)
+        first = next(records, None)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
-    if not records:
-        return [], [], []
-    header, rows, where = records[0], records[1:], starts[1:]
-    for r, line in zip(rows, where):
-        if len(r) > len(header):
-            raise UserError(f"{path}: line {line} has {len(r)} fields but the header has {len(header)}; a text "
-                            'with a comma must be quoted ("...")')
-    _check_merged_lines(path, header, rows, where)
-    rows = [[_cell(v) for v in r] for r in rows]
-    return _name_columns(header, len(header)), rows, where
+    if first is None:
+        f.close()
+        return [], iter(())
+    header = first[1]
+
+    def chunks():
+        with f:
+            while True:
+                try:
+                    part = list(itertools.islice(records, size)) if size else list(records)
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8 (e.g. iconv -f GBK -t UTF-8)"
+                                    ) from None
+                if not part:
+                    return
+                where, rows = [line for line, _ in part], [r for _, r in part]
+                for r, line in zip(rows, where):
+                    if len(r) > len(header):
+                        raise UserError(f"{path}: line {line} has {len(r)} fields but the header has "
+                                        f"{len(header)}; a text with a comma must be quoted (\"...\")")
+                _check_merged_lines(path, header, rows, where)
+                yield [[_cell(v) for v in r] for r in rows], where
+                if not size:
+                    return
+    return _name_columns(header, len(header)), chunks()
+
+
+def _csv_records(path: Path, reader):
+    """(first line, fields) of each non-blank record; a quoting error names its line."""
+    start = 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(_csv_quote_error(path, start, str(e))) from None
+        if record:  # a blank line is skipped, but counted
+            yield start, record
+        start = reader.line_num + 1
 
 
 def _csv_quote_error(path: Path, line: int, why: str) -> str:

@@ -35,16 +35,14 @@ import os
 import heapq
 import json
 import random
-import re
 import sys
 import time
 import unicodedata
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lft.common import ArgumentParser, UserError, display_width, run_cli
+from lft.common import ArgumentParser, UserError, print_table, run_cli
 from lft.labels import DEFAULT_LABELS, clean_label
 from lft.mongo import (add_connection_args, connect, connection_problems, get_path, mongo_error, open_collection,
                        read_password, server_name)
@@ -354,14 +352,6 @@ def build_table(choice: Choice, fields: list[str], args, fetched: dict):
             values = [None if v is None else str(v) for v in values]
         data[name] = values
     return pd.DataFrame(data, columns=columns)
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    table = [header] + rows
-    widths = [max(display_width(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        print("  ".join(s + " " * (w - display_width(s)) if i == 0 else " " * (w - display_width(s)) + s
-                        for i, (s, w) in enumerate(zip(r, widths))))
 
 
 def report(choice: Choice, quotas) -> list[str]:

@@ -51,6 +51,7 @@ dist, metrics, outdir, predict, R, train_step = (lazy_import(f"lft.{m}") for m i
     "dist", "metrics", "outdir", "predict", "runtime", "train_step"))
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the base checkpoint's dtype (lft.adapter)
 # flags that only change the result: resuming with other values still works, with a warning that the run will
 # not equal an uninterrupted one (labels, pooling and the LoRA layout must match: lft.checkpoint.check_resume)
 RECIPE_FLAGS = ("train_data", "batch_size", "gradient_accumulation_steps", "num_epochs", "seed", "max_length",
@@ -111,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="a checkpoint-* folder, or 'auto': the newest complete one in --output_dir (none: start)")
     g.add_argument("--merge", action="store_true", help="also write best_model_merged/ (plain transformers model)")
-    g.add_argument("--merge_dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    g.add_argument("--merge_dtype", choices=MERGE_DTYPES, default="auto",
                    help="dtype of best_model_merged/ (auto: the base checkpoint's dtype)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
     add_early_stopping_args(p)
@@ -274,8 +275,8 @@ def warn_changed_recipe(resume: Path, saved_args: dict, args, world: int) -> Non
     if (was := C.saved_world(resume, world)) != world:
         changed.append(f"processes {was} -> {world}")
     if changed:
-        dist.print0(f"warning: resuming {resume} with a changed recipe ({', '.join(changed)}); the result will differ "
-               "from an uninterrupted run")
+        dist.print0(f"warning: resuming {resume} with a changed recipe ({', '.join(changed)}); the result will "
+                    "differ from an uninterrupted run")
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
@@ -385,16 +386,17 @@ class Trainer:
 
     def _plan_and_build(self) -> None:
         a, d = self.args, self.d
-        self.steps_per_epoch = len(self.epoch_plan(0))
+        plan = self.epoch_plan(0)  # every epoch has as many steps and micro-batches
+        self.steps_per_epoch = len(plan)
         if self.steps_per_epoch == 0:
             raise UserError(f"--train_data {a.train_data}: {len(self.splits['train'])} texts are fewer than one "
                             f"micro-batch per process ({d.world} processes); lower --batch_size")
         self.total_steps = self.steps_per_epoch * a.num_epochs
-        left_out = len(D.length_grouped_batches(self.splits["train"].lengths, a.batch_size, a.seed, 0,
-                                                a.group_by_length)) - sum(len(s) for s in self.epoch_plan(0))
+        left_out = math.ceil(len(self.splits["train"]) / a.batch_size) - sum(map(len, plan))
         if left_out:  # every rank must run the same number of backward passes
-            dist.print0(f"warning: {left_out} micro-batch(es) of up to {a.batch_size} texts per epoch are left out: the "
-                   f"last optimizer step's micro-batches are cut to a multiple of the {d.world} processes")
+            dist.print0(f"warning: {left_out} micro-batch(es) of up to {a.batch_size} texts per epoch are left "
+                        f"out: the last optimizer step's micro-batches are cut to a multiple of the {d.world} "
+                        "processes")
         if d.main:
             with outdir.writing("args.json", self.out):
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -403,7 +405,8 @@ class Trainer:
                 for stale in ("test_results.json",):  # from an earlier run's best_model: rewritten or absent
                     if (self.out / stale).is_file():
                         (self.out / stale).unlink()
-                        dist.print0(f"note: removed {stale} of an earlier run in {self.out} (this run writes its own)")
+                        dist.print0(f"note: removed {stale} of an earlier run in {self.out} (this run writes "
+                                    "its own)")
                 write_json(self.out / "args.json", safe_args(a))  # never a password, whatever the arguments hold
         banner(a, self.splits, self.labels, self.steps_per_epoch, self.total_steps, d, self.rt,
                qcd.count_parameters(self.model), self.tokenizer)
@@ -435,7 +438,7 @@ class Trainer:
         self.model.train()
         self.predictor = predict.Predictor(self.model, self.rt, self.tokenizer.pad_token_id, a.max_length)
         self.stepper = train_step.Stepper(self.model, ddp, self.rt, self.optimizer, self.scheduler, self.scaler,
-                               a.max_grad_norm, d.world, self.tokenizer.pad_token_id, a.max_length)
+                                          a.max_grad_norm, d.world, self.tokenizer.pad_token_id, a.max_length)
 
     def _carry_best_model(self) -> None:
         """Resuming into another --output_dir: bring the best_model that the checkpoint's best metric refers to,
@@ -449,12 +452,13 @@ class Trainer:
         except (UserError, KeyError, TypeError):
             same = False
         if same and self.d.main:
-
             with outdir.writing("best_model", out):
                 shutil.copytree(theirs, out / "best_model")
-            dist.print0(f"note: copied {theirs} (best val macro-F1 {st.best_metric:.4f} at step {st.best_step}) to {out}")
+            dist.print0(f"note: copied {theirs} (best val macro-F1 {st.best_metric:.4f} at step {st.best_step}) "
+                        f"to {out}")
         elif not same:
-            dist.print0(f"note: {theirs} is not the best_model of step {st.best_step}; the next evaluation sets best_model")
+            dist.print0(f"note: {theirs} is not the best_model of step {st.best_step}; the next evaluation sets "
+                        "best_model")
             st.best_metric, st.best_step = None, None
         dist.barrier(self.d)
 

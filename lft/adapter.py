@@ -26,7 +26,6 @@ from .common import UserError, atomic_dir, write_json
 FORMAT = "lft-qwen3-classifier/1"
 WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "head.safetensors", "classifier_config.json")
-MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def save_adapter(model: qcd.Qwen3Classifier, folder, meta: dict) -> None:
@@ -86,7 +85,7 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
     if is_merged(folder):
         checkpoint = base.check_folder(folder, flag="--lora_model")
         backbone = qcd.load_backbone(folder, dtype, attn_implementation, prefix="model.").to(device)
-        base.tensor_checksums(backbone, folder)  # refuses NaN/inf weights
+        base.tensor_checksums(backbone, folder, flag="--lora_model")  # refuses NaN/inf weights
         head = _merged_head(folder)
     else:
         missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]

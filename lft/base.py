@@ -66,12 +66,10 @@ def check_folder(path, flag: str = "--checkpoint") -> Path:
 
 def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     """Every decoder tensor a Qwen3 config implies, with its shape (names without the "model." prefix)."""
-    try:
-        h, inter, layers = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"])
-        heads, kv = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
-        head_dim, vocab = int(config.get("head_dim") or h // heads), int(config["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"config.json: missing or non-numeric {e} ; is this a Qwen3 config?") from None
+    h, inter, layers = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim, vocab = int(config.get("head_dim") or h // heads), int(config["vocab_size"])
     out = {"embed_tokens.weight": (vocab, h), "norm.weight": (h,)}
     for i in range(layers):
         pre = f"layers.{i}."
@@ -98,7 +96,11 @@ def check_tensors(path: Path, config: dict, weights: list[Path], flag: str) -> N
         for k, v in header.items():
             if k != "__metadata__":
                 found[k.removeprefix("model.")] = tuple(v.get("shape", ()))
-    want = expected_tensors(config)
+    try:
+        want = expected_tensors(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{flag} {path}: config.json has a missing or non-numeric {e}; is this a Qwen3 "
+                        "config?") from None
     missing = [k for k in want if k not in found]
     if missing:
         raise UserError(f"{flag} {path}: {len(missing)} tensor(s) that config.json implies are not in the weights, "
@@ -155,14 +157,16 @@ def identity(checkpoint, backbone) -> dict:
             "weights_checksum": checksum, "tensor_checksums": tensors}
 
 
-def tensor_checksums(backbone, checkpoint) -> dict[str, list[float]]:
+def tensor_checksums(backbone, checkpoint, flag: str = "--checkpoint") -> dict[str, list[float]]:
     """{name: [alternating-sign sum, norm]} of every parameter, accumulated in float64 in chunks (no full
-    float64 copy of a 300M-element embedding)."""
+    float64 copy of a 300M-element embedding). Names are those of the plain Qwen3Model, with or without LoRA.
+    A NaN/inf weight is refused, naming `flag` (the folder's flag: --checkpoint, or --lora_model if merged)."""
     out = {}
     with torch.no_grad():
-        for name, p in backbone.named_parameters():
-            if "lora_" in name:
+        for full_name, p in backbone.named_parameters():
+            if "lora_" in full_name:
                 continue
+            name = full_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
             flat = p.detach().reshape(-1)
             alt, sq = torch.zeros((), dtype=torch.float64, device=flat.device), torch.zeros(
                 (), dtype=torch.float64, device=flat.device)
@@ -173,9 +177,9 @@ def tensor_checksums(backbone, checkpoint) -> dict[str, list[float]]:
                 sq += (chunk * chunk).sum()
             a, n = float(alt), float(sq.sqrt())
             if not (math.isfinite(a) and math.isfinite(n)):
-                raise UserError(f"--checkpoint {redact(str(checkpoint))}: weight {name.removeprefix('base_model.model.')}"
-                                " holds NaN or inf values; the base model is damaged: download it again")
-            out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = [a, n]  # with LoRA too
+                raise UserError(f"{flag} {redact(str(checkpoint))}: weight {name} holds NaN or inf values; the "
+                                "model is damaged: download or export it again")
+            out[name] = [a, n]
     return out
 
 

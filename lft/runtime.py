@@ -129,8 +129,6 @@ def choose_attention(requested: str, packing: bool, device) -> str:
 
 def resolve(args, device: torch.device, world: int = 1, training: bool = False) -> Runtime:
     """The one place the runtime flags become decisions (see the module docstring)."""
-    import torch
-
     weight, amp, scaler, why = choose_precision(args, device, training)
     packing = on_for_cuda(args.packing, device)
     attn = choose_attention(args.attn_implementation, packing, device)

@@ -195,7 +195,11 @@ class Classifier:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, at most max_length per text (its first tokens). Special tokens in a text are text."""
-        return [x[:self.max_length] or [self.tokenizer.pad_token_id] for x in self.token_ids(texts)]
+        return self.cut(self.token_ids(texts))
+
+    def cut(self, ids: list[list[int]]) -> list[list[int]]:
+        """Each text's first max_length token ids (a text that tokenises to nothing reads as one pad token)."""
+        return [x[:self.max_length] or [self.tokenizer.pad_token_id] for x in ids]
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Every token id of each text, none cut (serve.py refuses a text over max_length unless asked to cut).

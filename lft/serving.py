@@ -191,7 +191,7 @@ def encode(clf, texts: list[str], truncate: bool, field_name: str = "inputs") ->
             if len(x) > clf.max_length:
                 raise ApiError(413, f"`{field_name}[{i}]` has {len(x)} tokens; this model reads at most "
                                     f"{clf.max_length}: send \"truncate\": true to keep the first {clf.max_length}")
-    return [x[:clf.max_length] or [clf.tokenizer.pad_token_id] for x in ids]
+    return clf.cut(ids)
 
 
 # --- output shapes ----------------------------------------------------------------------------------------

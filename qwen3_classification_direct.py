@@ -78,6 +78,16 @@ def compile_decoder_layers(model: "Qwen3Classifier") -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in model.base_model.layers:
         layer.compile(dynamic=True)
+    # In training the first layer's input (the frozen embeddings' output) would not require grad while every
+    # later layer's does: two compiled graphs (forward + backward each). Made to require grad, all layers share
+    # one, which saves a whole compile at start-up; the cost is the first layer's input gradient (a few small
+    # matmuls per step). The forward is unchanged.
+    model.base_model.get_input_embeddings().register_forward_hook(_input_requires_grad)
+
+
+def _input_requires_grad(module, inputs, output):
+    if torch.is_grad_enabled():
+        output.requires_grad_(True)
 
 
 class Qwen3Classifier(nn.Module):

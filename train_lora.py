@@ -46,7 +46,7 @@ from lft.signals import StopRequest, announce_signals  # noqa: E402
 from lft.tracking import Tracker, add_tracking_args, check_tracking_args  # noqa: E402
 
 qcd = lazy_import("qwen3_classification_direct")
-adapter, base, C, D = (lazy_import(f"lft.{m}") for m in ("adapter", "base", "checkpoint", "data"))
+adapter, base, C, D, M = (lazy_import(f"lft.{m}") for m in ("adapter", "base", "checkpoint", "data", "memory"))
 dist, metrics, outdir, predict, R, train_step = (lazy_import(f"lft.{m}") for m in (
     "dist", "metrics", "outdir", "predict", "runtime", "train_step"))
 
@@ -203,25 +203,59 @@ def lora_spec(args) -> dict:
                 targets=[t.strip() for t in args.lora_target_modules.split(",") if t.strip()])
 
 
-def memory_probe(model, args, rt: R.Runtime, pad_id: int) -> None:
+def memory_probe(model, args, rt: R.Runtime, pad_id: int) -> "M.Probe | None":
     """On a GPU, one forward/backward of the largest micro-batch the run can meet (batch_size texts of
-    max_length tokens, or with packing the largest row accumulation can make) before the texts are tokenised:
-    running out of memory shows in seconds, not after data preparation. Gradients are dropped; the RNG is
-    re-seeded afterwards, so the run is unchanged."""
+    max_length tokens, or with packing the largest row accumulation can make) before the texts are tokenised,
+    measured for the memory plan (lft/memory.py). With packing, a row that does not fit is halved until one
+    does (the plan then caps the rows); running out of memory otherwise shows in seconds, as one line naming the
+    flags. Gradients are dropped; the RNG is re-seeded afterwards, so the run is unchanged."""
     if rt.device.type != "cuda":
-        return
+        return None
     n = args.batch_size
     if rt.packing:  # a process's accumulation micro-batches may share one row, up to --max_tokens_per_row
         n = max(n, min(n * args.gradient_accumulation_steps, args.max_tokens_per_row // args.max_length))
-    seqs = [[pad_id] * args.max_length for _ in range(n)]
-    enc = D.to_device(D.collate_packed(seqs) if rt.packing else D.collate_padded(seqs, pad_id), rt.device)
-    with explain_oom(f"one micro-batch of --batch_size {args.batch_size} x --max_length {args.max_length} "
-                     "tokens does not fit: lower either (raise --gradient_accumulation_steps to keep the batch)"):
-        with R.autocast(rt.device, rt.amp_dtype):
-            model(**enc).float().sum().backward()
+    while True:
+        seqs = [[pad_id] * args.max_length for _ in range(n)]
+        enc = D.to_device(D.collate_packed(seqs) if rt.packing else D.collate_padded(seqs, pad_id), rt.device)
         torch.cuda.synchronize(rt.device)
-    model.zero_grad(set_to_none=True)
-    torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(rt.device)
+        torch.cuda.reset_peak_memory_stats(rt.device)
+        try:
+            with explain_oom(f"one text of --max_length {args.max_length} tokens does not fit (--batch_size "
+                             f"{args.batch_size}): lower --max_length" if n == 1 or not rt.packing else
+                             f"one micro-batch of --batch_size {args.batch_size} x --max_length {args.max_length} "
+                             "tokens does not fit: lower either (raise --gradient_accumulation_steps to keep the "
+                             "batch)"):
+                with R.autocast(rt.device, rt.amp_dtype):
+                    model(**enc).float().sum().backward()
+                torch.cuda.synchronize(rt.device)
+            probe = M.Probe(n * args.max_length, before, torch.cuda.max_memory_allocated(rt.device))
+        except UserError:
+            if n == 1 or not rt.packing:
+                raise
+            probe = None
+        model.zero_grad(set_to_none=True)
+        del enc
+        torch.cuda.empty_cache()
+        if probe is not None:
+            return probe
+        n //= 2  # packed rows can be narrower than a micro-batch: find one that fits, the plan does the rest
+
+
+def plan_memory(probe, args, rt: R.Runtime, d) -> int:
+    """The cap on training rows' tokens (lft/memory.py); --max_tokens_per_row unless the card is too small for
+    it. Every process takes the smallest cap, so all split their micro-batches alike."""
+    if probe is None or not rt.packing:
+        return args.max_tokens_per_row
+    try:
+        plan = M.plan_rows(probe, M.budget(rt.device), args.max_tokens_per_row, args.max_length,
+                           eval_tokens=args.eval_batch_size * args.max_length)
+    except MemoryError as e:
+        raise UserError(f"out of GPU memory: {e}; {OOM_FIX}") from None
+    caps = dist.gather_objects(plan.row_tokens, d)
+    if plan.note and plan.row_tokens == min(caps):
+        dist.print0(f"note: {plan.note}")
+    return min(caps)
 
 
 def class_weights(args, train: D.Split, num_labels: int):
@@ -244,9 +278,12 @@ def make_optimizer(model, args, rt: R.Runtime, total_steps: int):
     return optimizer, scheduler, torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
 
 
-def banner(args, splits, labels, steps_per_epoch, total_steps, d, rt: R.Runtime, params, tokenizer) -> None:
+def banner(args, splits, labels, steps_per_epoch, total_steps, d, rt: R.Runtime, params, tokenizer,
+           row_tokens: int) -> None:
     row = "off: padded batches" if not rt.packing else \
-        f"on: texts back to back in rows of <= {args.max_tokens_per_row} tokens, no padding"
+        f"on: texts back to back in rows of <= {row_tokens} tokens, no padding" + (
+            f" (--max_tokens_per_row {args.max_tokens_per_row}, capped to fit the GPU's memory)"
+            if row_tokens < args.max_tokens_per_row else "")
     lines = ["=" * 78, f"base model      {args.checkpoint}", f"precision       {rt.precision}",
              f"processes       {d.world} on {d.device.type}" + (" (DDP)" if d.enabled else ""),
              f"packing         {row}", f"cuda graphs     {rt.graphs_text}",
@@ -364,7 +401,8 @@ class Trainer:
         times["load"], t = time.perf_counter() - t, time.perf_counter()
         if rt.compile:
             qcd.compile_decoder_layers(model)
-        memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
+        probe = memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
+        row_tokens = plan_memory(probe, args, rt, d)
         times["compile"], t = time.perf_counter() - t, time.perf_counter()
         outdir.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)
         tokenize_data(splits, tokenizer, args, d)
@@ -372,7 +410,7 @@ class Trainer:
         dist.print0(f"ready in {time.perf_counter() - t_start:.1f} s (load {times['load']:.1f} s, compile and "
                     f"memory probe {times['compile']:.1f} s, tokenise {times['tokenise']:.1f} s)")
         t = cls(args=args, d=d, rt=rt, labels=labels, out=out, splits=splits, tokenizer=tokenizer, model=model,
-                identity=identity, resume=resume)
+                identity=identity, resume=resume, row_tokens=row_tokens)
         t._plan_and_build()
         return t
 
@@ -409,7 +447,7 @@ class Trainer:
                                     "its own)")
                 write_json(self.out / "args.json", safe_args(a))  # never a password, whatever the arguments hold
         banner(a, self.splits, self.labels, self.steps_per_epoch, self.total_steps, d, self.rt,
-               qcd.count_parameters(self.model), self.tokenizer)
+               qcd.count_parameters(self.model), self.tokenizer, self.row_tokens)
         for line in describe_sources(a, getattr(a, "_sources", {})):
             dist.print0(line)
         self.optimizer, self.scheduler, self.scaler = make_optimizer(self.model, a, self.rt, self.total_steps)
@@ -511,6 +549,8 @@ class Trainer:
         micro = step[d.rank::d.world]
         if self.rt.packing:
             micro = D.merge_for_packing(micro, train.lengths, a.max_tokens_per_row)
+            if self.row_tokens < a.max_tokens_per_row:  # the memory plan's cap (lft/memory.py)
+                micro = D.split_rows(micro, train.lengths, self.row_tokens)
         # loss = sum over the step's texts / their count (or weight sum): every rank knows the whole step, so
         # the normaliser is exact
         idx_all = [j for mb in step for j in mb]

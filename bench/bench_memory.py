@@ -1,9 +1,12 @@
 """The original recipe on the cards users have: train_lora.py at its defaults (and --fp16) on the Qwen3-1.7B-shaped
 checkpoint, each run in its own process capped with torch.cuda.set_per_process_memory_fraction to what a smaller
-card holds. Reports real tokens/s (median log interval after the first), peak allocated and reserved memory
-(reserved is what nvidia-smi shows, less the CUDA context), the start-up line, and how a failing run ends.
+card holds. Reports real tokens/s (median of the log intervals after the first two, when new row shapes are
+still being captured), peak allocated and reserved memory (reserved is what nvidia-smi shows, less the CUDA
+context), the start-up line (the first run starts with a cold compile cache, the later ones warm), the memory
+plan's note, and how a failing run ends. With --small_jobs: test_saved_lora.py on 3,000 texts with the uncapped
+run's adapter, at auto flags and with --compile off --cuda_graphs off (wall time of the whole command).
 
-    python bench/bench_memory.py [--steps 120] [--caps none,22,14] [--out DIR]
+    python bench/bench_memory.py [--steps 200] [--caps none,22,14] [--fp16] [--eager] [--small_jobs] [--out DIR]
 """
 from __future__ import annotations
 
@@ -42,10 +45,12 @@ def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Pat
     if (out / "metrics.jsonl").is_file():
         logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logs if "tokens_per_s" in r]
-    mid = sorted(steps[1:] or steps, key=lambda x: x["tokens_per_s"])[len(steps[1:] or steps) // 2] if steps else {}
+    late = steps[2:] or steps
+    mid = sorted(late, key=lambda x: x["tokens_per_s"])[len(late) // 2] if steps else {}
     ready = next((line for line in r.stdout.splitlines() if line.startswith("ready in")), "")
+    plan = next((line for line in r.stdout.splitlines() if line.startswith("note: memory:")), "")
     row = {"run": name, "cap_gib": cap or None, "flags": " ".join(flags) or "defaults", "rc": r.returncode,
-           "wall_s": round(wall, 1), "tokens_s": mid.get("tokens_per_s"), "ready": ready,
+           "wall_s": round(wall, 1), "tokens_s": mid.get("tokens_per_s"), "ready": ready, "plan": plan,
            "peak_alloc_gib": max((x.get("peak_alloc_gib", 0) for x in steps), default=None),
            "peak_reserved_gib": max((x.get("peak_reserved_gib", 0) for x in steps), default=None),
            "error": (r.stderr.strip().splitlines() or [""])[-1][:300] if r.returncode else ""}
@@ -55,9 +60,11 @@ def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Pat
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (36 texts each)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (36 texts each)")
     p.add_argument("--caps", default="none,22,14", help="GiB caps to run the defaults under ('none': uncapped)")
     p.add_argument("--fp16", action="store_true", help="also run --fp16 uncapped")
+    p.add_argument("--eager", action="store_true", help="also run --compile off (CUDA graphs still on) uncapped")
+    p.add_argument("--small_jobs", action="store_true", help="also time test_saved_lora.py on 3,000 texts")
     p.add_argument("--workdir", default="/tmp/lft_bench")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
@@ -75,16 +82,39 @@ def main(argv=None) -> int:
         c = 0.0 if cap == "none" else float(cap)
         rows.append(one_run(f"defaults_cap{cap}", c, ckpt, train, val, work, []))
         (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
-    if args.fp16:
-        rows.append(one_run("fp16", 0.0, ckpt, train, val, work, ["--fp16"]))
-        (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
-    print("\n| run | cap GiB | rc | real tokens/s | peak alloc GiB | peak reserved GiB | wall s | ready |")
-    print("|---|---|---|---|---|---|---|---|")
+    for flag, extra in (("fp16", ["--fp16"]), ("eager", ["--compile", "off"])):
+        if getattr(args, flag):
+            rows.append(one_run(flag, 0.0, ckpt, train, val, work, extra))
+            (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
+    small = []
+    if args.small_jobs:
+        model = work / "mem_defaults_capnone" / "best_model"
+        test = script_data(work, tok, 3000, 42, "small_test")
+        for name, flags in (("auto", []), ("compile off, graphs off", ["--compile", "off", "--cuda_graphs", "off"])):
+            small.append(small_job(name, model, ckpt, test, work, flags))
+            (out / "bench_memory.json").write_text(json.dumps({"train": rows, "small_jobs": small}, indent=2))
+    print("\n| run | cap GiB | rc | real tokens/s | peak alloc GiB | peak reserved GiB | wall s | ready | plan |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tps = f"{r['tokens_s'] / 1e3:.1f}k" if r["tokens_s"] else "-"
         print(f"| {r['flags']} | {r['cap_gib'] or '-'} | {r['rc']} | {tps} | {r['peak_alloc_gib'] or '-'} | "
-              f"{r['peak_reserved_gib'] or '-'} | {r['wall_s']} | {r['ready'] or r['error']} |")
+              f"{r['peak_reserved_gib'] or '-'} | {r['wall_s']} | {r['ready'] or r['error']} | {r['plan']} |")
+    if small:
+        print("\n| test_saved_lora.py, 3,000 texts | rc | wall s |\n|---|---|---|")
+        for r in small:
+            print(f"| {r['run']} | {r['rc']} | {r['wall_s']} |")
     return 0
+
+
+def small_job(name: str, model: Path, ckpt: Path, test: Path, work: Path, flags: list[str]) -> dict:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "test_saved_lora.py", "--lora_model", str(model), "--checkpoint", str(ckpt),
+                        "--test_data", str(test), "--output_dir", str(work / f"small_{len(flags)}"),
+                        "--no_progress", *flags], capture_output=True, text=True)
+    row = {"run": name, "rc": r.returncode, "wall_s": round(time.perf_counter() - t, 1),
+           "stdout_tail": r.stdout[-1500:], "error": (r.stderr.strip().splitlines() or [""])[-1][:300]}
+    print(json.dumps(row, ensure_ascii=False), flush=True)
+    return row
 
 
 if __name__ == "__main__":

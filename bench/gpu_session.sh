@@ -5,7 +5,7 @@
 #   predict   bench/bench_predict.py          serve   bench/bench_serve.py
 #   quant     bench/bench_quant.py (QUANT_ONLY selects variants)
 #   train     bench/bench_gpu.py default rows (--skip ref --quick)
-#   memory    bench/bench_memory.py (capped-memory runs of the original recipe)
+#   memory    bench/bench_memory.py (capped-memory runs of the original recipe; MEMORY_FLAGS adds flags)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -17,12 +17,12 @@ for spec in "$@"; do
   phase=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
   echo "=== $phase (limit ${limit} s) $(date +%T)"
   case $phase in
-    tests)   cmd=(python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_quantize.py -p no:cacheprovider -x) ;;
+    tests)   cmd=(python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_quantize.py -p no:cacheprovider ${TEST_FLAGS:-}) ;;
     predict) cmd=(python3 bench/bench_predict.py --out "$OUT/predict") ;;
     serve)   cmd=(python3 bench/bench_serve.py --out "$OUT/serve") ;;
     quant)   cmd=(python3 bench/bench_quant.py --out "$OUT/quant" --only "${QUANT_ONLY:-}") ;;
     train)   cmd=(python3 bench/bench_gpu.py --skip ref --quick --out "$OUT/train") ;;
-    memory)  cmd=(python3 bench/bench_memory.py --out "$OUT/memory") ;;
+    memory)  cmd=(python3 bench/bench_memory.py --out "$OUT/memory" ${MEMORY_FLAGS:-}) ;;
     *) echo "unknown phase $phase"; continue ;;
   esac
   timeout -k 10 "$limit" "${cmd[@]}" > "$OUT/$phase.log" 2>&1

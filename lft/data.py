@@ -381,6 +381,24 @@ def to_device(batch: dict, device) -> dict:
             for k, v in batch.items()}
 
 
+def split_rows(rows: list[list[int]], lengths, max_tokens: int) -> list[list[int]]:
+    """Rows over `max_tokens` split between texts, in order (the memory plan's cap, lft/memory.py): the loss is
+    a sum over the step's texts, so the gradient is the same. A text is never cut."""
+    out = []
+    for row in rows:
+        cur, cur_tokens = [], 0
+        for i in row:
+            n = int(lengths[i])
+            if cur and cur_tokens + n > max_tokens:
+                out.append(cur)
+                cur, cur_tokens = [], 0
+            cur.append(i)
+            cur_tokens += n
+        if cur:
+            out.append(cur)
+    return out
+
+
 def merge_for_packing(micro_batches: list[list[int]], lengths, max_tokens: int) -> list[list[int]]:
     """With packing, a rank's accumulation micro-batches become as few rows as fit `max_tokens`: the loss is a
     sum over the step's texts either way, so the gradient is the same, with fewer, larger kernels."""

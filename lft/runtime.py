@@ -61,7 +61,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decoder layers (auto: on for CUDA)")
     g.add_argument("--cuda_graphs", choices=("auto", "on", "off"), default="auto",
                    help="replay fixed-shape packed rows as CUDA graphs (auto: on with CUDA + packing; training "
-                        "steps only in single-process runs without --fp16)")
+                        "steps only in single-process runs)")
 
 
 def check_runtime_args(args, problems: list[str]) -> None:
@@ -138,7 +138,7 @@ def resolve(args, device: torch.device, world: int = 1, training: bool = False) 
     graphs = possible and args.cuda_graphs != "off"
     return Runtime(device=device, weight_dtype=weight, amp_dtype=amp, use_scaler=scaler, precision=why,
                    packing=packing, attn=attn, compile=on_for_cuda(args.compile, device), eval_graphs=graphs,
-                   step_graphs=graphs and training and world == 1 and not scaler)
+                   step_graphs=graphs and training and world == 1)
 
 
 # Small jobs: the fast path (compiled layers + CUDA graphs) costs a fixed start-up and pays per token. Measured on

@@ -85,11 +85,15 @@ class Stepper:
         for p in self.trainable:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        if self.scaler.is_enabled():  # its scale tensor exists before any capture: graphs read it, update() sets it
+            self.scaler.scale(torch.zeros((), device=self.rt.device))
 
         def step(s):
             enc = {k: s[k] for k in ("input_ids", "position_ids", "cu_seqlens", "max_len")}
             loss = micro_loss(self.model, enc, s["y"], s["w"], self.rt.amp_dtype, self.rt.device)
-            (loss * self.world).backward()
+            # --fp16: the loss scale is read from the scaler's tensor at each replay, so a scale lowered after an
+            # overflow applies to the next step; unscale_ and the overflow check stay outside, as in eager steps
+            self.scaler.scale(loss * self.world).backward()
             return loss.detach()
 
         return RowGraphs(step, self.rt.device, neutral=lambda s: s["w"].zero_())  # the warm-up adds exactly 0

@@ -109,3 +109,24 @@ def test_without_flash_attention_sdpa_path_learns(tiny_ckpt, demo_data, tmp_path
     assert run(tiny_ckpt, demo_data, out, "--num_epochs", 3, "--eval_steps", 27, "--packing", "off",
                "--attn_implementation", "sdpa", "--test_data", demo_data["test"]) == 0
     assert json.loads((out / "test_results.json").read_text())["macro_f1"] >= 0.9
+
+
+def test_fp16_graph_replays_equal_eager_fp16_steps(tiny_ckpt, demo_data, tmp_path, graph_sets):
+    """--fp16 captures the loss-scaled step: the same losses as eager fp16 steps, overflow skips included (the
+    GradScaler starts at 65,536, so the first steps overflow and are skipped in both runs alike)."""
+    same = ("--num_epochs", 1, "--lora_dropout", 0, "--dropout", 0, "--eval_steps", 9, "--fp16")
+    assert run(tiny_ckpt, demo_data, tmp_path / "on", *same) == 0
+    assert any(g.captures > 0 for g in graph_sets[:1])  # the training steps ran as graphs
+    assert run(tiny_ckpt, demo_data, tmp_path / "off", *same, "--cuda_graphs", "off") == 0
+    (la, fa), (lb, fb) = log(tmp_path / "on"), log(tmp_path / "off")
+    assert len(la) == len(lb) == 27
+    assert la[:5] == lb[:5]
+    assert fa == pytest.approx(fb, abs=0.05)
+
+
+def test_graphs_share_one_memory_pool_and_warm_ups_allocate_from_it(tiny_ckpt, demo_data, tmp_path, graph_sets):
+    assert run(tiny_ckpt, demo_data, tmp_path / "m", "--num_epochs", 1, "--eval_steps", 9) == 0
+    assert len(graph_sets) == 2 and all(g.captures > 0 for g in graph_sets)  # training steps and evaluation
+    assert list(cuda_graphs._SHARED) == [torch.device("cuda", 0)]  # one pool for both
+    pool, _ = cuda_graphs._SHARED[torch.device("cuda", 0)]
+    assert pool.snapshot()  # the graphs' (and warm-ups') blocks are in it

@@ -22,6 +22,7 @@ left untouched. The password comes from MONGO_PASSWORD or a prompt, never from t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -266,8 +267,8 @@ def run_files(args) -> int:
             ThreadPoolExecutor(1) as writer:
         # three stages overlap: reading + tokenising (a thread), the model (here), writing (a thread); the
         # tokenizer and the GPU release the GIL, so the GPU is not left waiting on pandas or the disk
-        written = []
-        for chunk, keep, ids in in_background(read_and_tokenise(), depth=2):
+        written, clock = [], Clock()
+        for chunk, keep, ids in clock.waiting(in_background(read_and_tokenise(), depth=2)):
             if len(keep) < len(chunk.texts):
                 bad = [chunk.rows[i] for i in range(len(chunk.texts)) if chunk.texts[i] is None]
                 if not args.skip_bad_rows:  # only stdin gets here: files were checked above
@@ -275,18 +276,52 @@ def run_files(args) -> int:
                                     f"{name_rows(bad, len(bad))} (lines before this chunk were written); fix them "
                                     "or pass --skip_bad_rows")
                 lab.bad += len(bad)
-            P, chosen = lab([chunk.texts[i] for i in keep], ids)
+            with clock("model"):
+                P, chosen = lab([chunk.texts[i] for i in keep], ids)
             written.append(writer.submit(write, chunk, columns_for(clf.labels, P, chosen, keep, len(chunk.texts))))
             while written and written[0].done():
                 written.pop(0).result()  # a failed write stops the run here
             bar.update(len(chunk.texts))
-        for w in written:
-            w.result()
+        with clock("writer"):
+            for w in written:
+                w.result()
     seconds = time.perf_counter() - t0
     lab.summary(seconds, out, [["skipped (no text)", f"{lab.bad:,}", ""]] if args.skip_bad_rows else [])
+    graphs = clf.predictor._graphs
+    print(f"time: model {clock['model']:.1f} s" + (f" (CUDA-graph captures {graphs.capture_seconds:.1f} s)"
+                                                   if graphs is not None else "")
+          + f", waiting for input {clock['input']:.1f} s, for the writer {clock['writer']:.1f} s", file=out)
     if args.output != STDIO:
         print(f"wrote {lab.texts + lab.bad:,} rows to {args.output}", file=out)
     return 0
+
+
+class Clock(dict):
+    """Seconds per stage of the main thread (the summary's "time:" line says where a run's time went)."""
+
+    def __missing__(self, key):
+        return 0.0
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] += time.perf_counter() - t
+
+    def waiting(self, items):
+        """Iterate `items`, counting the time spent waiting for each as "input"."""
+        it = iter(items)
+        try:
+            while True:
+                with self("input"):
+                    item = next(it, StopIteration)
+                if item is StopIteration:
+                    return
+                yield item
+        finally:
+            getattr(it, "close", lambda: None)()  # stops in_background's thread at once on an error
 
 
 def in_background(items, depth: int = 2):

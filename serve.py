@@ -8,8 +8,9 @@
     curl -s localhost:8000/classify -d '{"model": "...", "input": ["文本一", "文本二"]}'  # vLLM format
 
 Routes: POST /predict (text-embeddings-inference), POST /classify and /v1/classify (vLLM), GET /health,
-/info, /metrics (Prometheus). Concurrent requests share forwards: texts wait at most --max_wait_ms for the
-queue to fill --max_batch_tokens, then run as one batch (lft/serving.py). SIGTERM: /health answers 503,
+/info, /metrics (Prometheus). Concurrent requests share forwards: a lone request on an idle server runs at
+once; texts that queue while a forward runs wait at most --max_wait_ms for the queue to fill
+--max_batch_tokens, then run as one batch (lft/serving.py). SIGTERM: /health answers 503,
 requests in flight finish, exit 0. The startup prints `ready in X s (load A s, warm-up B s) on http://...`.
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_batch_tokens", type=int, default=16384, help="real tokens per forward (a packed row on "
                    "GPU); texts from concurrent requests share it")
     p.add_argument("--max_wait_ms", type=float, default=5.0,
-                   help="how long the first queued text waits for others to fill the forward")
+                   help="under load, how long the first text queued during a forward waits for others to fill the "
+                        "next one (an idle server does not wait)")
     p.add_argument("--tokenizer_threads", type=int, default=2, help="threads that tokenise requests")
     # limits
     p.add_argument("--max_texts_per_request", type=int, default=256)

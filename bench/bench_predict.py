@@ -79,8 +79,9 @@ def time_script(model: Path, ckpt: Path, data: Path, out: Path, device: str, ext
     load = re.search(r"loaded in ([\d.]+) s", r.stdout)
     num = lambda s: float(s.replace(",", ""))  # noqa: E731
     print(r.stdout, flush=True)
+    where = re.search(r"^time: (.*)$", r.stdout, re.M)
     return {"texts": num(m[1]), "seconds": num(m[2]), "texts_s": num(m[3]), "tokens_s": num(m[4]),
-            "load_s": num(load[1]), "wall_s": wall}
+            "load_s": num(load[1]), "wall_s": wall, "where": where[1] if where else ""}
 
 
 def time_api(model: Path, ckpt: Path, device: str, calls: int, warmup: int = 20) -> dict:
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     print(f"| predict.py, {script['texts']:,.0f} texts csv -> csv (after model load) | {script['seconds']:.1f} s |")
     print(f"| real tokens/s | {script['tokens_s'] / 1e3:,.1f}k |")
     print(f"| texts/s | {script['texts_s']:,.0f} |")
+    print(f"| where the time went (main thread) | {script['where']} |")
     print(f"| model load / whole command | {script['load_s']:.1f} s / {script['wall_s']:.1f} s |")
     print(f"| API, one short text: p50 / p99 over {calls} calls | {api['p50_ms']:.1f} / {api['p99_ms']:.1f} ms |")
     Path(args.out).mkdir(parents=True, exist_ok=True)

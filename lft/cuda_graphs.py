@@ -5,20 +5,21 @@ issuing them one by one from Python took ~110 ms on an H200, several times the G
 (bench/RESULTS.md); replayed as CUDA graphs the step takes ~47 ms. A graph records the kernels once and
 replays them with one call. Graphs need fixed shapes, so rows are laid out by `data.collate_packed_static` in a
 few widths (steps of 128 tokens for training rows, 512 for evaluation rows) and slot counts (powers of two);
-the graph of a shape is captured the first time that shape appears.
+a shape runs eagerly the first time it appears (compiling and warming up for it) and is captured the second
+time, so one-off shapes cost no capture.
 
-    graphs = RowGraphs(fn, device, neutral=...)
+    graphs = RowGraphs(fn, device)
     out = graphs(inputs)   # inputs: host tensors of a fixed-shape row (+ host ints); out: fn's tensor
 
 `fn(static)` may do only device work: no `.item()`, no host reads, no new shapes. Its output tensor lives in
 graph memory and is overwritten by the next replay (of any shape): use it before calling again.
 
 Memory: every graph of the process (training steps and evaluation rows alike: they never run at the same
-time) shares one memory pool, and the eager warm-up run before each capture allocates from that pool too, on
-the same stream. So the graphs' memory is about the largest graph's, not the sum of the graphs', and a warm-up
-never holds a second copy of a row's activations beside the pool (on an H200 the default training run reserved
-24.5 GiB for 14.2 GiB of tensors before this). A failed capture leaves the CUDA random generator unusable for the rest of the process, so it is
-not papered over: it raises a UserError that says to run with --cuda_graphs off.
+time) shares one memory pool, and the eager first run of each shape allocates from that pool too, on the same
+stream. So the graphs' memory is about the largest graph's, not the sum, and an eager run never holds a second
+copy of a row's activations beside the pool (on an H200 the default training run reserved 24.5 GiB for 14.2 GiB
+of tensors before this). A failed capture leaves the CUDA random generator unusable for the rest of the process,
+so it is not papered over: it raises a UserError that says to run with --cuda_graphs off.
 """
 from __future__ import annotations
 
@@ -41,12 +42,15 @@ def shared_pool(device: torch.device):
 
 
 class RowGraphs:
-    def __init__(self, fn, device, neutral=None):
-        """fn(static inputs) -> tensor. `neutral(static)` makes the inputs harmless for the one eager warm-up
-        run before a capture (for a training step: zero loss weights, so the gradients gain exactly 0)."""
-        self.fn, self.device, self.neutral = fn, torch.device(device), neutral
+    def __init__(self, fn, device):
+        """fn(static inputs) -> tensor: run eagerly the first time a shape appears (which also compiles and makes
+        workspaces for it), captured and replayed from its second time on. A shape that appears once (the
+        short last row of a file, say) never pays for a capture."""
+        self.fn, self.device = fn, torch.device(device)
         self.graphs: dict = {}
+        self.seen: set = set()
         self.captures = 0
+        self.capture_seconds = 0.0  # host time spent capturing (the log says where start-up time goes)
 
     @staticmethod
     def key(inputs: dict) -> tuple:
@@ -56,8 +60,9 @@ class RowGraphs:
         key = self.key(inputs)
         entry = self.graphs.get(key)
         if entry is None:
-            if len(self.graphs) >= MAX_GRAPHS:
-                return self.fn(_to_device(inputs, self.device))
+            if key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
+                self.seen.add(key)
+                return self._eager(inputs)
             entry = self.graphs[key] = self._capture(inputs)
         graph, static, out = entry
         for k, v in inputs.items():
@@ -66,25 +71,34 @@ class RowGraphs:
         graph.replay()
         return out
 
-    def _capture(self, inputs: dict):
-        static = _to_device(inputs, self.device)
-        if self.neutral is not None:
-            self.neutral(static)
+    def _eager(self, inputs: dict) -> torch.Tensor:
+        """fn on the capture stream with memory from the graphs' pool: what a graph will later use is reused, no
+        second copy of a row's activations is made beside the pool."""
         pool, side = shared_pool(self.device)
         stream = torch.cuda.current_stream(self.device)
         side.wait_stream(stream)
-        # the warm-up compiles, autotunes and makes workspaces outside the capture; its memory comes from the pool
         with torch.cuda.stream(side), torch.cuda.use_mem_pool(pool):
-            self.fn(static)
-        graph = torch.cuda.CUDAGraph()
+            out = self.fn(_to_device(inputs, self.device))
+        stream.wait_stream(side)
+        return out
+
+    def _capture(self, inputs: dict):
+        import time
+
+        t = time.perf_counter()
+        static = _to_device(inputs, self.device)
+        pool, side = shared_pool(self.device)
+        graph = torch.cuda.CUDAGraph()  # torch.cuda.graph synchronizes first: the static inputs are in place
         try:
             with torch.cuda.graph(graph, pool=pool.id, stream=side):
                 out = self.fn(static)
         except RuntimeError as e:
             raise UserError(f"CUDA graph capture failed ({str(e).splitlines()[0][:200]}); run again with "
                             "--cuda_graphs off (plus --resume_from_checkpoint auto to continue a training run)") from e
-        stream.wait_stream(side)
+        # the capture recorded but did not run this row: replay it (the caller's inputs are the static ones)
+        graph.replay()
         self.captures += 1
+        self.capture_seconds += time.perf_counter() - t
         return graph, static, out
 
 

@@ -7,8 +7,8 @@ Training's evaluation, test_saved_lora.py, predict.py and serve.py (lft/serving.
     probs = pred.probs(input_ids, batches)   # {text index: probabilities (num_labels,)} on the CPU
 
 Batches are lists of indices (lft.data.eval_batches). With packing, each batch is one row of texts back to back;
-with CUDA graphs the row is laid out in a fixed shape (lft.data.collate_packed_static) and replayed; the graphs
-are captured on first use of a shape and kept with the Predictor.
+with CUDA graphs the row is laid out in a fixed shape (lft.data.collate_packed_static) and replayed; a shape's
+graph is captured the second time it is used (lft/cuda_graphs.py) and kept with the Predictor.
 
 The API for users:
 
@@ -37,6 +37,9 @@ from .common import UserError
 from .runtime import Runtime, autocast
 
 
+SMALL_ROW_TOKENS = 2048  # rows up to this many tokens come in widths of 128, larger ones of 512
+
+
 class Predictor:
     """Probabilities of a model's texts, by the runtime's path (eager padded, eager packed, or CUDA graphs)."""
 
@@ -53,19 +56,23 @@ class Predictor:
     def probs(self, input_ids: list[list[int]], batches: list[list[int]]) -> dict[int, torch.Tensor]:
         """{index: float32 probabilities} for the texts in `batches`, on the CPU."""
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # walking ~1,500 modules twice costs ~ms: only when training's evaluation needs it
+            self.model.eval()
         order, chunks = [], []
         for batch in batches:
             seqs = [input_ids[i] for i in batch]
             chunks.append(self._row(seqs))
             order.extend(batch)
-        self.model.train(was_training)
+        if was_training:
+            self.model.train()
         out = torch.cat(chunks).float().cpu() if chunks else torch.empty(0)  # one transfer at the end
         return dict(zip(order, out))
 
     def _row(self, seqs: list[list[int]]) -> torch.Tensor:
         if self.rt.eval_graphs:
-            width, slots = D.static_shape(len(seqs), sum(map(len, seqs)), self.max_length, step=D.EVAL_ROW_STEP)
+            tokens = sum(map(len, seqs))  # small rows (one request, say) in finer widths: less padding compute
+            step = D.TRAIN_ROW_STEP if tokens <= SMALL_ROW_TOKENS else D.EVAL_ROW_STEP
+            width, slots = D.static_shape(len(seqs), tokens, self.max_length, step=step)
             enc = D.collate_packed_static(seqs, width, slots, self.max_length, self.pad_id)
             return self._graph_runner()(enc)[:len(seqs)].clone()  # the graph's output is overwritten next replay
         enc = D.collate_packed(seqs) if self.rt.packing else D.collate_padded(seqs, self.pad_id)

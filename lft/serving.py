@@ -4,12 +4,14 @@
     run(service, sock, load)        # serves until SIGTERM/Ctrl-C; `load()` returns a Classifier
 
 One model worker thread owns the model from loading to exit; the event loop never runs it. Request handlers
-check and tokenise (in a small thread pool), put their texts into one queue and await a future:
+check and tokenise (short requests inline, longer ones in a small thread pool), put their texts into one
+queue and await a future:
 
     handler:  body -> texts -> token ids (pool) -> Batcher.submit -> await future -> response
-    worker:   wait for a first text; then up to max_wait_ms for more, until the queued texts fill
-              max_batch_tokens; take that many texts (any number of requests) -> one Predictor.probs call
-              (Classifier.proba_of_ids: packed rows on a GPU) -> resolve every request whose texts are all done
+    worker:   wait for a first text; on an idle server it goes at once; texts that queued while a forward
+              ran wait up to max_wait_ms after the first of them for the queue to fill max_batch_tokens; take
+              that many texts (any number of requests) -> one Predictor.probs call (Classifier.proba_of_ids:
+              packed rows on a GPU) -> resolve every request whose texts are all done
 
 Under load the queue fills while a forward runs, so the next forward takes a full budget without waiting:
 forwards per second stay bounded by the model, not by the request rate. A request larger than the budget
@@ -270,6 +272,9 @@ def _resolve(fut: asyncio.Future, value=None, error: BaseException | None = None
         fut.set_exception(error) if error is not None else fut.set_result(value)
 
 
+INLINE_TOKENISE_CHARS = 2000  # requests up to this many characters are tokenised on the event loop (~0.1 ms)
+
+
 class Batcher:
     """One queue of texts from every request; the model worker takes up to `max_tokens` of them per forward."""
 
@@ -302,15 +307,17 @@ class Batcher:
         self.m.queue_tokens.set(self._tokens)
 
     def _take(self) -> list | None:
-        """Block for a first text, then up to max_wait after it was queued for the budget to fill; take texts
-        in order while they fit the token budget (always at least one)."""
+        """Take texts in order while they fit the token budget (always at least one). On an idle server the
+        first text goes at once (no batching delay for a lone request); texts that queued while the model was
+        busy wait up to max_wait after the first of them for the budget to fill."""
         with self._cv:
             while True:
+                idle = not self._q
                 while not self._q and not self._stop:
                     self._cv.wait()
                 if self._stop:
                     return None
-                deadline = self._q[0][3] + self.max_wait_s
+                deadline = self._q[0][3] + (0.0 if idle else self.max_wait_s)
                 while self._tokens < self.max_tokens and not self._stop:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -402,11 +409,12 @@ class Service:
         self.batcher.run(clf.proba_of_ids)
 
     def warm_up(self, clf) -> None:
-        """One short text and one full token budget: first-use costs (kernels, compilation, CUDA graphs of the
-        common row shapes) are paid before the first request, not by it."""
-        clf.proba_of_ids([[clf.tokenizer.pad_token_id] * 8])
+        """One short text and one full token budget, twice each (a row shape is compiled on its first use and
+        captured as a CUDA graph on its second): first-use costs are paid before the first request, not by it."""
         n = max(1, self.s.max_batch_tokens // clf.max_length)
-        clf.proba_of_ids([[clf.tokenizer.pad_token_id] * clf.max_length] * n)
+        for ids in ([[clf.tokenizer.pad_token_id] * 8], [[clf.tokenizer.pad_token_id] * clf.max_length] * n):
+            for _ in range(2):
+                clf.proba_of_ids(ids)
 
     def info(self) -> dict:
         clf, rt = self.clf, self.clf.runtime
@@ -461,6 +469,16 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def event_loop_factory():
+    """uvloop's event loop where it is installed (requirements.txt; it about halves the HTTP cost of a request
+    next to asyncio's), else asyncio's. uvicorn then parses HTTP with httptools, also pinned."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def make_app(service: Service):
     """The FastAPI app; bodies are read and checked by hand (limits, messages naming the field)."""
     from fastapi import FastAPI, Request
@@ -492,8 +510,11 @@ def make_app(service: Service):
             texts, single, *opts = parse(await read_json(request), s)
             truncate = opts[1] if opts else True  # /classify keeps the first max_length tokens, as training did
             loop = asyncio.get_running_loop()
-            ids = await loop.run_in_executor(service.pool, encode, service.clf, texts, truncate,
-                                             "input" if route in OPENAI_ROUTES else "inputs")
+            field = "input" if route in OPENAI_ROUTES else "inputs"
+            if sum(map(len, texts)) <= INLINE_TOKENISE_CHARS:  # a thread hop costs more than tokenising this
+                ids = encode(service.clf, texts, truncate, field)
+            else:
+                ids = await loop.run_in_executor(service.pool, encode, service.clf, texts, truncate, field)
             P = await service.batcher.submit(ids, loop)
         finally:
             service.in_flight -= 1
@@ -598,7 +619,8 @@ def run(service: Service, sock, load) -> int:
                               args=(load, lambda: setattr(server, "should_exit", True)), daemon=True)
     worker.start()
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(server.serve(sockets=[sock]))
     finally:
         service.batcher.stop()
         service.pool.shutdown(wait=False, cancel_futures=True)

@@ -96,7 +96,7 @@ class Stepper:
             self.scaler.scale(loss * self.world).backward()
             return loss.detach()
 
-        return RowGraphs(step, self.rt.device, neutral=lambda s: s["w"].zero_())  # the warm-up adds exactly 0
+        return RowGraphs(step, self.rt.device)
 
 
 class LaggedFlags:

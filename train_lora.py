@@ -242,6 +242,28 @@ def memory_probe(model, args, rt: R.Runtime, pad_id: int) -> "M.Probe | None":
         n //= 2  # packed rows can be narrower than a micro-batch: find one that fits, the plan does the rest
 
 
+def reserve_graph_pool(model, args, rt: R.Runtime, row_tokens: int, pad_id: int) -> None:
+    """With training graphs: one forward/backward of the widest row the plan allows, on the graphs' stream with
+    memory from their pool (lft/cuda_graphs.py), so the pool is sized once for the largest row. Rows then reuse
+    its blocks whatever order their widths come in, instead of adding segments as wider rows appear (a 14 GiB
+    cap ran out of memory that way on an H200). Gradients are dropped."""
+    from lft import cuda_graphs
+
+    n = max(1, row_tokens // args.max_length)
+    enc = D.to_device(D.collate_packed([[pad_id] * args.max_length] * n), rt.device)
+    pool, side = cuda_graphs.shared_pool(rt.device)
+    stream = torch.cuda.current_stream(rt.device)
+    side.wait_stream(stream)
+    with explain_oom(f"a row of {n * args.max_length} tokens does not fit after the memory plan; {OOM_FIX}"):
+        with torch.cuda.stream(side), torch.cuda.use_mem_pool(pool), R.autocast(rt.device, rt.amp_dtype):
+            model(**enc).float().sum().backward()
+        stream.wait_stream(side)
+        torch.cuda.synchronize(rt.device)
+    model.zero_grad(set_to_none=True)
+    del enc
+    torch.cuda.empty_cache()
+
+
 def plan_memory(probe, args, rt: R.Runtime, d) -> int:
     """The cap on training rows' tokens (lft/memory.py); --max_tokens_per_row unless the card is too small for
     it. Every process takes the smallest cap, so all split their micro-batches alike."""
@@ -403,6 +425,8 @@ class Trainer:
             qcd.compile_decoder_layers(model)
         probe = memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
         row_tokens = plan_memory(probe, args, rt, d)
+        if rt.step_graphs:
+            reserve_graph_pool(model, args, rt, row_tokens, tokenizer.pad_token_id)
         times["compile"], t = time.perf_counter() - t, time.perf_counter()
         outdir.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)
         tokenize_data(splits, tokenizer, args, d)

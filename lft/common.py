@@ -158,8 +158,25 @@ def explain_oom(fix: str):
     try:
         yield
     except torch.OutOfMemoryError as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"out of GPU memory ({first}); {fix}") from None
+        raise UserError(f"out of GPU memory ({oom_summary(str(e))}); {fix}") from None
+
+
+def oom_summary(message: str) -> str:
+    """The numbers of torch's out-of-memory message that say what to do: the request, this process's use, and
+    how much of it is allocated and how much reserved but free (fragmentation). Other messages: the first line."""
+    import re
+
+    found = [re.search(pattern, message) for pattern in (
+        r"Tried to allocate ([\d.]+ [KMG]iB)", r"this process has ([\d.]+ [KMG]iB) memory in use",
+        r"([\d.]+ [KMG]iB) is allocated by PyTorch", r"([\d.]+ [KMG]iB) is reserved by PyTorch but unallocated")]
+    if not found[0]:
+        return (message.strip().splitlines() or [""])[0][:200]
+    parts = [f"tried to allocate {found[0][1]}"]
+    if found[1]:
+        parts.append(f"this process holds {found[1][1]}")
+    if found[2] and found[3]:
+        parts.append(f"{found[2][1]} allocated, {found[3][1]} reserved but free")
+    return ", ".join(parts)
 
 
 def safe_args(args) -> dict:

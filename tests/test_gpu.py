@@ -56,7 +56,10 @@ def test_cuda_training_learns_with_graphs_on_held_out_test(tiny_ckpt, demo_data,
                "--compile", "on") == 0
     res = json.loads((out / "test_results.json").read_text())
     assert res["macro_f1"] >= 0.9, res["macro_f1"]
-    assert len(graph_sets) >= 2 and all(g.captures > 0 for g in graph_sets)  # training steps and evaluation
+    # training steps and validation rows recur, so their shapes are captured (a shape runs eagerly on first use);
+    # the test set is evaluated once, so its graph set may capture nothing
+    train_graphs, val_graphs = graph_sets[:2]
+    assert train_graphs.captures > 0 and val_graphs.captures > 0
 
 
 def test_graph_replays_equal_eager_steps(tiny_ckpt, demo_data, tmp_path):
@@ -126,7 +129,7 @@ def test_fp16_graph_replays_equal_eager_fp16_steps(tiny_ckpt, demo_data, tmp_pat
 
 def test_graphs_share_one_memory_pool_and_warm_ups_allocate_from_it(tiny_ckpt, demo_data, tmp_path, graph_sets):
     assert run(tiny_ckpt, demo_data, tmp_path / "m", "--num_epochs", 1, "--eval_steps", 9) == 0
-    assert len(graph_sets) == 2 and all(g.captures > 0 for g in graph_sets)  # training steps and evaluation
+    assert len(graph_sets) == 2 and all(g.captures > 0 for g in graph_sets)  # training steps and validation
     assert list(cuda_graphs._SHARED) == [torch.device("cuda", 0)]  # one pool for both
     pool, _ = cuda_graphs._SHARED[torch.device("cuda", 0)]
     assert pool.snapshot()  # the graphs' (and warm-ups') blocks are in it

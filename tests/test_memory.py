@@ -46,3 +46,15 @@ def test_split_rows_keeps_every_text_in_order_and_never_cuts_one():
     assert [i for r in split for i in r] == [0, 1, 2, 3, 4, 5]
     assert all(sum(lengths[i] for i in r) <= 300 for r in split)
     assert D.split_rows([[0, 3]], lengths, 50) == [[0], [3]]  # a text longer than the cap stays whole, alone
+
+
+def test_oom_summary_keeps_the_numbers_that_say_what_to_do():
+    from lft.common import oom_summary
+
+    msg = ("CUDA out of memory. Tried to allocate 54.00 MiB. GPU 0 has a total capacity of 139.80 GiB of which "
+           "124.43 GiB is free. Process 938 has 610.00 MiB memory in use. Including non-PyTorch memory, this process "
+           "has 13.97 GiB memory in use. Of the allocated memory 12.10 GiB is allocated by PyTorch, and 1.30 GiB is "
+           "reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting ...")
+    assert oom_summary(msg) == ("tried to allocate 54.00 MiB, this process holds 13.97 GiB, 12.10 GiB allocated, "
+                                "1.30 GiB reserved but free")
+    assert oom_summary("something else\nsecond line") == "something else"

@@ -133,3 +133,25 @@ def test_graphs_share_one_memory_pool_and_warm_ups_allocate_from_it(tiny_ckpt, d
     assert list(cuda_graphs._SHARED) == [torch.device("cuda", 0)]  # one pool for both
     pool, _ = cuda_graphs._SHARED[torch.device("cuda", 0)]
     assert pool.snapshot()  # the graphs' (and warm-ups') blocks are in it
+
+
+def test_the_memory_plan_caps_rows_on_a_small_budget_and_the_run_completes(tiny_ckpt, demo_data, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A budget with room for rows of ~200 tokens (the tiny model's real need is far below the H200): the plan
+    caps training rows at 128 tokens, the graph pool is sized for them, micro-batches are split, and the run
+    ends with the same kind of results (not run on a GPU yet: written after the session's device time)."""
+    from lft import memory
+
+    real = memory.plan_rows
+
+    def tight(probe, budget, want, max_length, eval_tokens=0, step=memory.ROW_STEP):
+        budget = int((probe.before + probe.per_token * 200) / (1 - memory.HEADROOM))
+        return real(probe, budget, want, max_length, 0, step)
+
+    monkeypatch.setattr(memory, "plan_rows", tight)
+    out = tmp_path / "capped"
+    assert run(tiny_ckpt, demo_data, out, "--num_epochs", 2, "--eval_steps", 27) == 0
+    printed = capsys.readouterr().out
+    assert "training rows are capped at 128 tokens" in printed and "capped to fit the GPU's memory" in printed
+    losses, f1 = log(out)
+    assert len(losses) == 54 and all(x == x for x in losses) and f1[-1] >= 0.5

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .common import UserError, redact
+from .common import UserError, gc_paused, redact
 
 
 def _json(path: Path, flag: str, folder: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with gc_paused():  # tokenizer.json: 6 MB of JSON
+            return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{flag} {folder}: {path.name} is not valid JSON ({str(e).splitlines()[0][:120]}); "
                         "download the model again") from None

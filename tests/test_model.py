@@ -192,6 +192,37 @@ def test_tensor_checksums_are_bit_identical_to_the_recorded_recipe(model_and_tok
         assert list(got) == list(want) and got == want  # exact floats, same order
 
 
+def test_gc_paused_nests_across_threads_and_restores_the_collector():
+    import gc
+    import threading
+
+    from lft.common import gc_paused
+
+    assert gc.isenabled()
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with gc_paused():
+            inside.set()
+            release.wait(10)
+    t = threading.Thread(target=other)
+    with gc_paused():
+        t.start()
+        inside.wait(10)
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread's block is still open
+    release.set()
+    t.join(10)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # off before: stays off
+    finally:
+        gc.enable()
+
+
 def test_checkpoint_checks(tmp_path, tiny_ckpt):
     with pytest.raises(UserError, match="not a folder"):
         base.check_folder(tmp_path / "nope")

@@ -10,11 +10,13 @@ import json
 import pytest
 import torch
 
+import qwen3_classification_direct as qcd
 import test_saved_lora
 import train_lora
-from lft import cuda_graphs
+from lft import base, cuda_graphs
 from lft.common import UserError
 from test_faults import poison_training_forward
+from test_model import reference_checksums
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -109,3 +111,14 @@ def test_without_flash_attention_sdpa_path_learns(tiny_ckpt, demo_data, tmp_path
     assert run(tiny_ckpt, demo_data, out, "--num_epochs", 3, "--eval_steps", 27, "--packing", "off",
                "--attn_implementation", "sdpa", "--test_data", demo_data["test"]) == 0
     assert json.loads((out / "test_results.json").read_text())["macro_f1"] >= 0.9
+
+
+@pytest.mark.parametrize("chunk", [base.CHECKSUM_CHUNK, 999])
+def test_tensor_checksums_on_the_device_are_bit_identical_to_the_recorded_recipe(tiny_ckpt, monkeypatch, chunk):
+    """What adapters recorded on a GPU (the recipe, run on the device) is what the fast version gives there."""
+    monkeypatch.setattr(base, "CHECKSUM_CHUNK", chunk)
+    for dtype in (torch.bfloat16, torch.float32):
+        backbone = qcd.load_backbone(tiny_ckpt, dtype).to("cuda")
+        want = reference_checksums(backbone, chunk)
+        got = base.tensor_checksums(backbone, tiny_ckpt)
+        assert list(got) == list(want) and got == want

@@ -173,7 +173,7 @@ def reference_checksums(backbone, chunk):
         if "lora_" in full_name:
             continue
         flat = p.detach().reshape(-1)
-        alt, sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        alt, sq = (torch.zeros((), dtype=torch.float64, device=flat.device) for _ in range(2))
         for start in range(0, flat.numel(), chunk):
             c = flat[start:start + chunk].double()
             alt += (1.0 if start % 2 == 0 else -1.0) * (c[0::2].sum() - c[1::2].sum())

@@ -42,7 +42,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lft.common import ArgumentParser, UserError, print_table, run_cli
+from lft.common import ArgumentParser, UserError, exit_script, print_table
 from lft.labels import DEFAULT_LABELS, clean_label
 from lft.mongo import (add_connection_args, connect, connection_problems, get_path, mongo_error, open_collection,
                        read_password, server_name)
@@ -455,4 +455,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_script(main)

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from lft.common import ArgumentParser, HelpFormatter, UserError, display_width, lazy_import, run_cli
+from lft.common import ArgumentParser, HelpFormatter, UserError, display_width, exit_script, lazy_import
 from lft.labels import parse_labels
 
 torch = lazy_import("torch")  # loaded on first use: --help answers at once
@@ -131,4 +131,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_script(main)

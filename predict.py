@@ -31,7 +31,7 @@ from pathlib import Path
 
 from lft import mongo
 from lft import runtime as R
-from lft.common import ArgumentParser, HelpFormatter, UserError, explain_oom, lazy_import, print_table, redact, run_cli
+from lft.common import ArgumentParser, HelpFormatter, UserError, exit_script, explain_oom, lazy_import, print_table, redact
 from lft.quantize import add_quantize_arg, check_quantize
 from lft.stream import STDIO, name_rows, open_sink, open_source
 
@@ -437,4 +437,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_script(main)

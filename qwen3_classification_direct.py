@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from lft import base
-from lft.common import UserError
+from lft.common import UserError, gc_paused
 from lft.labels import DEFAULT_LABELS
 from lft.runtime import VARLEN  # our attention implementation for packed rows on CUDA (see varlen_attention)
 
@@ -156,8 +156,9 @@ def load_tokenizer(checkpoint):
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True, trust_remote_code=False,
-                                        split_special_tokens=True)
+    with gc_paused():  # transformers parses the 6 MB tokenizer.json twice
+        tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True, trust_remote_code=False,
+                                            split_special_tokens=True)
     backend = tok.backend_tokenizer
     backend.add_special_tokens([AddedToken(a.content, special=True, normalized=False, single_word=a.single_word,
                                            lstrip=a.lstrip, rstrip=a.rstrip)

@@ -24,7 +24,7 @@ import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from lft import runtime as R  # noqa: E402  (torch, transformers, fastapi and uvicorn load after parsing)
-from lft.common import ArgumentParser, HelpFormatter, UserError, redact, run_cli  # noqa: E402
+from lft.common import ArgumentParser, HelpFormatter, UserError, exit_script, redact  # noqa: E402
 from lft.quantize import add_quantize_arg, check_quantize  # noqa: E402
 
 
@@ -114,4 +114,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    exit_script(main)

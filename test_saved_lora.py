@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from lft import runtime as R
-from lft.common import ArgumentParser, HelpFormatter, UserError, explain_oom, lazy_import, redact, run_cli, write_json
+from lft.common import ArgumentParser, HelpFormatter, UserError, exit_script, explain_oom, lazy_import, redact, write_json
 from lft.quantize import add_quantize_arg, check_quantize, describe, quantize_model
 
 # torch and everything built on it load on first use: --help and flag errors answer at once
@@ -138,4 +138,4 @@ def write_outputs(args, out: Path, split, labels, P, pred, m: dict, max_length: 
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_script(main)

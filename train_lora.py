@@ -30,8 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lft.common import (ArgumentParser, HelpFormatter, UserError, check_python, explain_oom, lazy_import, redact,
-                        run_cli, safe_args, write_json)
+from lft.common import (ArgumentParser, HelpFormatter, UserError, check_python, exit_script, explain_oom,
+                        lazy_import, redact, safe_args, write_json)
 
 check_python()  # before torch and transformers, whose own failure on an old Python is far from the cause
 # torch and everything built on it load on first use: --help and flag errors answer at once
@@ -745,4 +745,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_script(main)

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .common import UserError, redact
+from .common import UserError, gc_paused, redact
 
 
 def _json(path: Path, flag: str, folder: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with gc_paused():  # tokenizer.json: 6 MB of JSON
+            return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{flag} {folder}: {path.name} is not valid JSON ({str(e).splitlines()[0][:120]}); "
                         "download the model again") from None
@@ -157,29 +158,44 @@ def identity(checkpoint, backbone) -> dict:
             "weights_checksum": checksum, "tensor_checksums": tensors}
 
 
+CHECKSUM_CHUNK = 1 << 24  # elements per float64 chunk: the values recorded in adapters depend on it, never change it
+
+
 def tensor_checksums(backbone, checkpoint, flag: str = "--checkpoint") -> dict[str, list[float]]:
     """{name: [alternating-sign sum, norm]} of every parameter, accumulated in float64 in chunks (no full
     float64 copy of a 300M-element embedding). Names are those of the plain Qwen3Model, with or without LoRA.
-    A NaN/inf weight is refused, naming `flag` (the folder's flag: --checkpoint, or --lora_model if merged)."""
-    out = {}
+    A NaN/inf weight is refused, naming `flag` (the folder's flag: --checkpoint, or --lora_model if merged).
+
+    The values adapters record come from exactly these operations (same chunks, same reductions, so the same
+    bits); what is fast about it: each chunk is converted into one reused float64 buffer and squared in place
+    (a fresh 128 MB tensor per chunk made the CPU fault in new pages for every one), and the results stay on
+    the model's device until one transfer at the end (no synchronisation per parameter on a GPU)."""
+    named = [(n, p) for n, p in backbone.named_parameters() if "lora_" not in n]
+    buffers = {}
+    for _, p in named:  # one buffer per device, as large as the largest chunk there
+        buffers[p.device] = max(buffers.get(p.device, 0), min(p.numel(), CHECKSUM_CHUNK))
+    buffers = {d: torch.empty(n, dtype=torch.float64, device=d) for d, n in buffers.items()}
+    rows = []
     with torch.no_grad():
-        for full_name, p in backbone.named_parameters():
-            if "lora_" in full_name:
-                continue
-            name = full_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            flat = p.detach().reshape(-1)
+        for _, p in named:
+            flat, buf = p.detach().reshape(-1), buffers[p.device]
             alt, sq = torch.zeros((), dtype=torch.float64, device=flat.device), torch.zeros(
                 (), dtype=torch.float64, device=flat.device)
-            for start in range(0, flat.numel(), 1 << 24):
-                chunk = flat[start:start + (1 << 24)].double()
+            for start in range(0, flat.numel(), CHECKSUM_CHUNK):
+                part = flat[start:start + CHECKSUM_CHUNK]
+                chunk = buf[:part.numel()].copy_(part)  # == part.double(): exact for every float dtype
                 sign = 1.0 if start % 2 == 0 else -1.0  # chunks start at even offsets: the pattern continues
                 alt += sign * (chunk[0::2].sum() - chunk[1::2].sum())
-                sq += (chunk * chunk).sum()
-            a, n = float(alt), float(sq.sqrt())
-            if not (math.isfinite(a) and math.isfinite(n)):
-                raise UserError(f"{flag} {redact(str(checkpoint))}: weight {name} holds NaN or inf values; the "
-                                "model is damaged: download or export it again")
-            out[name] = [a, n]
+                sq += chunk.mul_(chunk).sum()  # == (chunk * chunk).sum(), without a second 128 MB tensor
+            rows.append(torch.stack([alt, sq.sqrt()]).to(named[0][1].device))
+    values = torch.stack(rows).tolist() if rows else []  # the one transfer (and wait) for all parameters
+    out = {}
+    for (full_name, _), (a, n) in zip(named, values):
+        name = full_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if not (math.isfinite(a) and math.isfinite(n)):
+            raise UserError(f"{flag} {redact(str(checkpoint))}: weight {name} holds NaN or inf values; the "
+                            "model is damaged: download or export it again")
+        out[name] = [a, n]
     return out
 
 

@@ -261,6 +261,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .common import run_cli
+    from .common import exit_script
 
-    sys.exit(run_cli(main))
+    exit_script(main)

@@ -277,6 +277,23 @@ def test_cli_exit_2_with_one_line(tiny_ckpt, demo_data, frames, tmp_path):
         assert not out.exists(), case
 
 
+def test_exit_script_exits_with_run_clis_status_heap_frozen(monkeypatch, capsys):
+    import gc
+
+    from lft.common import exit_script
+
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))  # the real one would freeze pytest's heap
+
+    def bad(argv):
+        raise UserError("a problem")
+    for main, rc in ((lambda argv: None, 0), (lambda argv: 3, 3), (bad, 2)):
+        with pytest.raises(SystemExit) as e:
+            exit_script(main)
+        assert e.value.code == rc
+    assert frozen == [True] * 3 and capsys.readouterr().err == "error: a problem\n"
+
+
 # --- evaluation: data labels that the adapter does not know --------------------------------------------------
 
 def test_eval_data_with_labels_the_adapter_lacks(tiny_ckpt, demo_data, tmp_path, capsys):

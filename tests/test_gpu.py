@@ -10,11 +10,13 @@ import json
 import pytest
 import torch
 
+import qwen3_classification_direct as qcd
 import test_saved_lora
 import train_lora
-from lft import cuda_graphs
+from lft import base, cuda_graphs
 from lft.common import UserError
 from test_faults import poison_training_forward
+from test_model import reference_checksums
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -155,3 +157,14 @@ def test_the_memory_plan_caps_rows_on_a_small_budget_and_the_run_completes(tiny_
     assert "training rows are capped at 128 tokens" in printed and "capped to fit the GPU's memory" in printed
     losses, f1 = log(out)
     assert len(losses) == 54 and all(x == x for x in losses) and f1[-1] >= 0.5
+
+
+@pytest.mark.parametrize("chunk", [base.CHECKSUM_CHUNK, 999])
+def test_tensor_checksums_on_the_device_are_bit_identical_to_the_recorded_recipe(tiny_ckpt, monkeypatch, chunk):
+    """What adapters recorded on a GPU (the recipe, run on the device) is what the fast version gives there."""
+    monkeypatch.setattr(base, "CHECKSUM_CHUNK", chunk)
+    for dtype in (torch.bfloat16, torch.float32):
+        backbone = qcd.load_backbone(tiny_ckpt, dtype).to("cuda")
+        want = reference_checksums(backbone, chunk)
+        got = base.tensor_checksums(backbone, tiny_ckpt)
+        assert list(got) == list(want) and got == want

@@ -165,6 +165,64 @@ def test_adapter_refuses_other_base(model_and_tok, tiny_ckpt, tmp_path):
         adapter.load_classifier(wider, tmp_path / "adapter")
 
 
+def reference_checksums(backbone, chunk):
+    """tensor_checksums as first written (a fresh float64 copy per chunk, one sync per tensor): what the
+    adapters on disk recorded. The fast version must give the same bits."""
+    out = {}
+    for full_name, p in backbone.named_parameters():
+        if "lora_" in full_name:
+            continue
+        flat = p.detach().reshape(-1)
+        alt, sq = (torch.zeros((), dtype=torch.float64, device=flat.device) for _ in range(2))
+        for start in range(0, flat.numel(), chunk):
+            c = flat[start:start + chunk].double()
+            alt += (1.0 if start % 2 == 0 else -1.0) * (c[0::2].sum() - c[1::2].sum())
+            sq += (c * c).sum()
+        out[full_name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = [float(alt), float(sq.sqrt())]
+    return out
+
+
+@pytest.mark.parametrize("chunk", [base.CHECKSUM_CHUNK, 999])  # 999: many chunks, odd ends, a short last one
+def test_tensor_checksums_are_bit_identical_to_the_recorded_recipe(model_and_tok, tiny_ckpt, monkeypatch, chunk):
+    model, _ = model_and_tok
+    monkeypatch.setattr(base, "CHECKSUM_CHUNK", chunk)
+    for backbone in (model.backbone, qcd.load_backbone(tiny_ckpt, torch.bfloat16)):  # with LoRA; bf16
+        want = reference_checksums(backbone, chunk)
+        got = base.tensor_checksums(backbone, tiny_ckpt)
+        assert list(got) == list(want) and got == want  # exact floats, same order
+
+
+def test_gc_paused_nests_across_threads_and_restores_the_collector():
+    import gc
+    import threading
+
+    from lft.common import gc_paused
+
+    assert gc.isenabled()
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with gc_paused():
+            inside.set()
+            release.wait(10)
+    t = threading.Thread(target=other)
+    with gc_paused():
+        t.start()
+        inside.wait(10)
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread's block is still open
+    release.set()
+    t.join(10)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # off before: stays off
+    finally:
+        gc.enable()
+
+
 def test_checkpoint_checks(tmp_path, tiny_ckpt):
     with pytest.raises(UserError, match="not a folder"):
         base.check_folder(tmp_path / "nope")

@@ -1,0 +1,132 @@
+"""Start-up benchmark (issue 13, goal 5, small jobs): where the wall time of a one-off test_saved_lora.py goes.
+
+test_saved_lora.py runs as a child process, --compile off --cuda_graphs off, on --texts texts of bench_gpu.py's
+length distribution, with a random adapter (bench_predict.py) on the Qwen3-1.7B-shaped random checkpoint
+(bench_gpu.py). The child imports the libraries first, one at a time, then times each phase by wrapping the
+functions that make it (so no phase holds import time); the parent times the whole command and the exit.
+
+    python bench/bench_startup.py                      # on the GPU if there is one, else the CPU
+    python bench/bench_startup.py --runs 3 --stub_eval # evaluation replaced by random probabilities (the rest)
+    python bench/bench_startup.py -- --bf16            # flags after -- go to test_saved_lora.py
+
+Prints a markdown table (median of the runs) and writes bench_startup.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMPORTS = ("torch", "transformers:Qwen3Model", "transformers:AutoTokenizer", "peft", "pandas", "sklearn.metrics",
+           "matplotlib.pyplot", "openpyxl")
+PHASES = (("lft.base", "check_folder"), ("qwen3_classification_direct", "load_backbone"),
+          ("lft.base", "identity"), ("lft.base", "tensor_checksums"), ("qwen3_classification_direct", "load_tokenizer"),
+          ("lft.adapter", "load_adapter_weights"), ("lft.adapter", "load_classifier"), ("lft.data", "load_split"),
+          ("lft.data", "tokenize_split"), ("lft.predict", "Predictor.probs"), ("lft.metrics", "plot_confusion"),
+          ("lft.tables", "write_table"), ("test_saved_lora", "write_outputs"), ("test_saved_lora", "main"))
+
+
+def child(argv: list[str], stub_eval: bool) -> None:
+    """test_saved_lora.main(argv) with every phase timed; the times go to stderr as one JSON line."""
+    import functools
+    import importlib
+
+    times = {}
+    for name in IMPORTS:
+        module, _, attr = name.partition(":")
+        t = time.perf_counter()
+        m = importlib.import_module(module)
+        if attr:
+            getattr(m, attr)
+        times[f"import {name}"] = time.perf_counter() - t
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    def timed(label, f):
+        @functools.wraps(f)
+        def g(*a, **k):  # no synchronising: the phases that queue GPU work end with a transfer to the CPU
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                times[label] = times.get(label, 0.0) + time.perf_counter() - t
+        return g
+    for module, name in PHASES:
+        owner = importlib.import_module(module)
+        *cls, fn = name.split(".")
+        owner = getattr(owner, cls[0]) if cls else owner
+        setattr(owner, fn, timed(name, getattr(owner, fn)))
+    if stub_eval:
+        from lft.predict import Predictor
+
+        def random_probs(self, input_ids, batches):
+            g = torch.Generator().manual_seed(0)
+            return {i: torch.softmax(torch.randn(6, generator=g), 0) for b in batches for i in b}
+        Predictor.probs = timed("Predictor.probs", random_probs)
+    import test_saved_lora
+
+    rc = test_saved_lora.main(argv)
+    print(json.dumps({"rc": rc, "times": times, "end": time.time()}), file=sys.stderr, flush=True)
+    import gc
+
+    gc.freeze()  # as lft.common.exit_script does, where the script has it
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--texts", type=int, default=3000)
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--stub_eval", action="store_true", help="random probabilities instead of the model's")
+    p.add_argument("--workdir", default="/tmp/lft_bench")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="where bench_startup.json goes")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args, extra = p.parse_known_args(argv)
+    extra = [x for x in extra if x != "--"]
+    if args.child:
+        child(extra, args.stub_eval)
+        return 0
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_gpu
+    from bench_predict import random_adapter
+    from transformers import AutoTokenizer
+
+    bench_gpu.DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the random init runs
+    work = Path(args.workdir)
+    ckpt = bench_gpu.build_checkpoint_folder(work / "qwen3-1.7b-shaped")
+    adapter = random_adapter(ckpt, work / "full" / "random_adapter")
+    data = bench_gpu.script_data(work, AutoTokenizer.from_pretrained(ckpt), args.texts, 40, f"startup_{args.texts}")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *(["--stub_eval"] if args.stub_eval else []),
+           "--lora_model", str(adapter), "--checkpoint", str(ckpt), "--test_data", str(data),
+           "--output_dir", str(work / "startup_eval"), "--no_progress", "--compile", "off", "--cuda_graphs", "off",
+           *extra]
+    runs = []
+    for _ in range(args.runs):
+        t = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        wall, ended = time.perf_counter() - t, time.time()
+        if r.returncode != 0:
+            raise SystemExit(f"test_saved_lora.py failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        res = json.loads(r.stderr.strip().splitlines()[-1])
+        runs.append({**res["times"], "interpreter exit": ended - res["end"], "wall": wall})
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\ntest_saved_lora.py, {args.texts:,} texts, Qwen3-1.7B-shaped on {device}, {' '.join(extra) or 'defaults'}"
+          f"{', evaluation stubbed' if args.stub_eval else ''}; median of {args.runs} run(s), seconds\n")
+    print("| phase | s |\n|---|---|")
+    for key in runs[0]:
+        print(f"| {key} | {statistics.median(r[key] for r in runs):.2f} |")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench_startup.json").write_text(json.dumps(
+        {"device": device, "texts": args.texts, "stub_eval": args.stub_eval, "extra": extra, "runs": runs}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -425,7 +425,7 @@ class Trainer:
             qcd.compile_decoder_layers(model)
         probe = memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
         row_tokens = plan_memory(probe, args, rt, d)
-        if rt.step_graphs:
+        if rt.step_graphs and row_tokens < args.max_tokens_per_row:  # a card the wanted rows do not fit
             reserve_graph_pool(model, args, rt, row_tokens, tokenizer.pad_token_id)
         times["compile"], t = time.perf_counter() - t, time.perf_counter()
         outdir.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)

@@ -7,8 +7,8 @@ token of a row needs; the budget is the card's memory, or the cap of
 --max_tokens_per_row tokens does not fit, training rows are capped at the largest width that does, and
 micro-batches over it are split at text boundaries: the loss is a weighted sum over the step's texts, so the
 gradient is the same (up to summation order); only the row widths change. With CUDA graphs, one step of the
-widest allowed row then runs in the graphs' memory pool (train_lora.reserve_graph_pool), so the pool is sized
-once instead of growing as wider rows appear. When even one text of --max_length tokens does not fit, the run
+widest allowed row then runs in the graphs' memory pool (train_lora.reserve_graph_pool), so on such a card the
+pool is sized once instead of growing as wider rows appear. When even one text of --max_length tokens does not fit, the run
 stops at once, naming the flags to change.
 
     budget = memory.budget(device)

@@ -251,13 +251,9 @@ def reserve_graph_pool(model, args, rt: R.Runtime, row_tokens: int, pad_id: int)
 
     n = max(1, row_tokens // args.max_length)
     enc = D.to_device(D.collate_packed([[pad_id] * args.max_length] * n), rt.device)
-    pool, side = cuda_graphs.shared_pool(rt.device)
-    stream = torch.cuda.current_stream(rt.device)
-    side.wait_stream(stream)
     with explain_oom(f"a row of {n * args.max_length} tokens does not fit after the memory plan; {OOM_FIX}"):
-        with torch.cuda.stream(side), torch.cuda.use_mem_pool(pool), R.autocast(rt.device, rt.amp_dtype):
+        with cuda_graphs.in_graph_pool(rt.device), R.autocast(rt.device, rt.amp_dtype):
             model(**enc).float().sum().backward()
-        stream.wait_stream(side)
         torch.cuda.synchronize(rt.device)
     model.zero_grad(set_to_none=True)
     del enc

@@ -23,6 +23,9 @@ so it is not papered over: it raises a UserError that says to run with --cuda_gr
 """
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 
 from .common import UserError
@@ -33,12 +36,25 @@ _SHARED: dict = {}  # device -> (memory pool, capture stream), shared by every R
 
 def shared_pool(device: torch.device):
     """(pool, stream) for captures on `device`: one torch.cuda.MemPool and one side stream per device. The
-    caching allocator reuses a freed block only on the stream it was freed on, so warm-ups and captures share
+    caching allocator reuses a freed block only on the stream it was freed on, so eager runs and captures share
     one stream too."""
     device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     if device not in _SHARED:
         _SHARED[device] = (torch.cuda.MemPool(), torch.cuda.Stream(device))
     return _SHARED[device]
+
+
+@contextlib.contextmanager
+def in_graph_pool(device):
+    """Run the block's GPU work on the graphs' stream with its memory from their pool (shared_pool), ordered
+    after and before the current stream's work: a row's eager run (RowGraphs) and train_lora's reservation of
+    the pool for the widest row."""
+    pool, side = shared_pool(torch.device(device))
+    stream = torch.cuda.current_stream(device)
+    side.wait_stream(stream)
+    with torch.cuda.stream(side), torch.cuda.use_mem_pool(pool):
+        yield
+    stream.wait_stream(side)
 
 
 class RowGraphs:
@@ -74,17 +90,11 @@ class RowGraphs:
     def _eager(self, inputs: dict) -> torch.Tensor:
         """fn on the capture stream with memory from the graphs' pool: what a graph will later use is reused, no
         second copy of a row's activations is made beside the pool."""
-        pool, side = shared_pool(self.device)
-        stream = torch.cuda.current_stream(self.device)
-        side.wait_stream(stream)
-        with torch.cuda.stream(side), torch.cuda.use_mem_pool(pool):
+        with in_graph_pool(self.device):
             out = self.fn(_to_device(inputs, self.device))
-        stream.wait_stream(side)
         return out
 
     def _capture(self, inputs: dict):
-        import time
-
         t = time.perf_counter()
         static = _to_device(inputs, self.device)
         pool, side = shared_pool(self.device)

@@ -287,10 +287,9 @@ def run_files(args) -> int:
                 w.result()
     seconds = time.perf_counter() - t0
     lab.summary(seconds, out, [["skipped (no text)", f"{lab.bad:,}", ""]] if args.skip_bad_rows else [])
-    graphs = clf.predictor._graphs
-    print(f"time: model {clock['model']:.1f} s" + (f" (CUDA-graph captures {graphs.capture_seconds:.1f} s)"
-                                                   if graphs is not None else "")
-          + f", waiting for input {clock['input']:.1f} s, for the writer {clock['writer']:.1f} s", file=out)
+    captures = f" (CUDA-graph captures {clf.predictor.capture_seconds:.1f} s)" if clf.runtime.eval_graphs else ""
+    print(f"time: model {clock['model']:.1f} s{captures}, waiting for input {clock['input']:.1f} s, for the writer "
+          f"{clock['writer']:.1f} s", file=out)
     if args.output != STDIO:
         print(f"wrote {lab.texts + lab.bad:,} rows to {args.output}", file=out)
     return 0

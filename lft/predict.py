@@ -80,6 +80,11 @@ class Predictor:
         with autocast(self.rt.device, self.rt.amp_dtype):
             return F.softmax(self.model(**enc), dim=-1)
 
+    @property
+    def capture_seconds(self) -> float:
+        """Host time spent capturing CUDA graphs so far (0 without graphs): predict.py's "time:" line."""
+        return self._graphs.capture_seconds if self._graphs is not None else 0.0
+
     def _graph_runner(self):
         if self._graphs is None:
             from .cuda_graphs import RowGraphs

@@ -262,18 +262,24 @@ def reserve_graph_pool(model, args, rt: R.Runtime, row_tokens: int, pad_id: int)
 
 def plan_memory(probe, args, rt: R.Runtime, d) -> int:
     """The cap on training rows' tokens (lft/memory.py); --max_tokens_per_row unless the card is too small for
-    it. Every process takes the smallest cap, so all split their micro-batches alike."""
+    it. Every process takes the smallest cap, so all split their micro-batches alike; the note printed is that
+    process's, and a process whose card is too small stops every process (none is left waiting for it)."""
     if probe is None or not rt.packing:
         return args.max_tokens_per_row
     try:
         plan = M.plan_rows(probe, M.budget(rt.device), args.max_tokens_per_row, args.max_length,
                            eval_tokens=args.eval_batch_size * args.max_length)
+        mine = (plan.row_tokens, plan.note)
     except MemoryError as e:
-        raise UserError(f"out of GPU memory: {e}; {OOM_FIX}") from None
-    caps = dist.gather_objects(plan.row_tokens, d)
-    if plan.note and plan.row_tokens == min(caps):
-        dist.print0(f"note: {plan.note}")
-    return min(caps)
+        mine = (None, f"out of GPU memory: {e}; {OOM_FIX}")
+    plans = dist.gather_objects(mine, d)
+    failed = [message for cap, message in plans if cap is None]
+    if failed:
+        raise UserError(failed[0])
+    cap, note = min(plans, key=lambda p: p[0])
+    if note:
+        dist.print0(f"note: {note}")
+    return cap
 
 
 def class_weights(args, train: D.Split, num_labels: int):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from lft.common import ArgumentParser, HelpFormatter, UserError, display_width, exit_script, lazy_import
 from lft.labels import parse_labels

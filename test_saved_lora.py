@@ -15,7 +15,6 @@ test_results.json is written first, so a problem with the other files never lose
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from lft import runtime as R

@@ -25,7 +25,6 @@ import json
 import math
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -35,5 +35,15 @@ def subprocess_env() -> dict:
     return env
 
 
+def one_line_error(fn, *args) -> str:
+    """The message of the UserError `fn(*args)` raises, checked to be one line (what the scripts print)."""
+    from lft.common import UserError
+
+    with pytest.raises(UserError) as e:
+        fn(*args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; run on the GPU machine)")

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qwen3_classification_direct as qcd
-from lft import adapter, base
+from lft import adapter
 import test_saved_lora
 import train_lora
-from conftest import REPO, subprocess_env
+from conftest import REPO, one_line_error, subprocess_env
 from lft.common import UserError, run_cli
 from lft.data import DEFAULT_LABELS, load_split
 from lft.tables import OLE2_MAGIC, write_table
@@ -406,10 +406,7 @@ def test_loader_property(tmp_path, case):
 # --- missing is missing, invisible is empty, rows are the file's lines ---------------------------------------
 
 def _load_error(path) -> str:
-    with pytest.raises(UserError) as e:
-        load_split(path)
-    assert "\n" not in str(e.value)
-    return str(e.value)
+    return one_line_error(load_split, path)
 
 
 def test_missing_texts_in_parquet_are_empty_not_the_text_NA(tmp_path):

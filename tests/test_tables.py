@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from lft.common import UserError
 from lft.tables import read_table, read_table_rows, write_table
+from conftest import one_line_error
 
 FORMATS = ("xlsx", "csv", "jsonl", "parquet")
 # texts that each broke a round trip once: formulas, NA spellings, control characters, Excel's own escapes
@@ -72,10 +73,7 @@ def csv_file(tmp_path, *lines) -> str:
 
 
 def error(path) -> str:
-    with pytest.raises(UserError) as e:
-        read_table(path)
-    assert "\n" not in str(e.value)
-    return str(e.value)
+    return one_line_error(read_table, path)
 
 
 def test_csv_stray_quote_is_an_error_naming_its_line(tmp_path):

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from lft import mongo
 from lft import runtime as R
-from lft.common import ArgumentParser, HelpFormatter, UserError, exit_script, explain_oom, lazy_import, print_table, redact
+from lft.common import (ArgumentParser, HelpFormatter, UserError, exit_script, explain_oom, lazy_import, print_table,
+                        redact)
 from lft.quantize import add_quantize_arg, check_quantize
 from lft.stream import STDIO, name_rows, open_sink, open_source
 

@@ -18,7 +18,8 @@ import argparse
 from pathlib import Path
 
 from lft import runtime as R
-from lft.common import ArgumentParser, HelpFormatter, UserError, exit_script, explain_oom, lazy_import, redact, write_json
+from lft.common import (ArgumentParser, HelpFormatter, UserError, exit_script, explain_oom, lazy_import, redact,
+                        write_json)
 from lft.quantize import add_quantize_arg, check_quantize, describe, quantize_model
 
 # torch and everything built on it load on first use: --help and flag errors answer at once

@@ -234,8 +234,12 @@ def table(rows, base_name) -> str:
            "|---" * (9 + len(SERVING)) + "|"]
     for r in rows:
         small = "tokens_s_small_rows" in r and ref and "tokens_s_small_rows" in ref and r["mode"] == "int8"
-        speed = "-" if not ref else (f"{r['tokens_s_small_rows'] / ref['tokens_s_small_rows']:.2f}x (rows of "
-                                     f"{Q.INT8_GPU_MAX_TOKENS})" if small else f"{r['tokens_s'] / ref['tokens_s']:.2f}x")
+        if not ref:
+            speed = "-"
+        elif small:
+            speed = f"{r['tokens_s_small_rows'] / ref['tokens_s_small_rows']:.2f}x (rows of {Q.INT8_GPU_MAX_TOKENS})"
+        else:
+            speed = f"{r['tokens_s'] / ref['tokens_s']:.2f}x"
         fmt = lambda k, f="{:.2f}": f.format(r[k]) if k in r else "-"  # noqa: E731
         lats = " | ".join(fmt(f"latency_{n}_ms", "{:.1f}") for n in SERVING)
         out.append(f"| {r['variant']} | {r['tokens_s'] / 1e3:.1f}k | {speed} | {fmt('agreement', '{:.2%}')} | "

@@ -8,8 +8,8 @@ token of a row needs; the budget is the card's memory, or the cap of
 micro-batches over it are split at text boundaries: the loss is a weighted sum over the step's texts, so the
 gradient is the same (up to summation order); only the row widths change. With CUDA graphs, one step of the
 widest allowed row then runs in the graphs' memory pool (train_lora.reserve_graph_pool), so on such a card the
-pool is sized once instead of growing as wider rows appear. When even one text of --max_length tokens does not fit, the run
-stops at once, naming the flags to change.
+pool is sized once instead of growing as wider rows appear. When even one text of --max_length tokens does not
+fit, the run stops at once, naming the flags to change.
 
     budget = memory.budget(device)
     plan = memory.plan_rows(probe, budget, want=args.max_tokens_per_row, max_length=args.max_length)

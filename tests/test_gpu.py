@@ -129,12 +129,12 @@ def test_fp16_graph_replays_equal_eager_fp16_steps(tiny_ckpt, demo_data, tmp_pat
     assert fa == pytest.approx(fb, abs=0.05)
 
 
-def test_graphs_share_one_memory_pool_and_warm_ups_allocate_from_it(tiny_ckpt, demo_data, tmp_path, graph_sets):
+def test_graphs_share_one_memory_pool_and_eager_runs_allocate_from_it(tiny_ckpt, demo_data, tmp_path, graph_sets):
     assert run(tiny_ckpt, demo_data, tmp_path / "m", "--num_epochs", 1, "--eval_steps", 9) == 0
     assert len(graph_sets) == 2 and all(g.captures > 0 for g in graph_sets)  # training steps and validation
     assert list(cuda_graphs._SHARED) == [torch.device("cuda", 0)]  # one pool for both
     pool, _ = cuda_graphs._SHARED[torch.device("cuda", 0)]
-    assert pool.snapshot()  # the graphs' (and warm-ups') blocks are in it
+    assert pool.snapshot()  # the graphs' (and eager runs') blocks are in it
 
 
 def test_the_memory_plan_caps_rows_on_a_small_budget_and_the_run_completes(tiny_ckpt, demo_data, tmp_path,

@@ -32,15 +32,20 @@ runpy.run_path("train_lora.py", run_name="__main__")
 """
 
 
-def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Path, flags: list[str]) -> dict:
+def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Path, flags: list[str],
+            torch_logs: str = "", log: Path | None = None) -> dict:
     out = work / f"mem_{name}"
     t = time.perf_counter()
+    env = dict(os.environ, TORCH_LOGS=torch_logs) if torch_logs else None
     r = subprocess.run([sys.executable, "-c", CAPPED, str(cap), "--checkpoint", str(ckpt), "--train_data", str(train),
                         "--val_data", str(val), "--output_dir", str(out), "--num_epochs", "1", "--no_progress",
                         "--logging_steps", "20", "--eval_steps", "100000", "--batch_size", "18",
                         "--max_length", "256", "--compile", "on", "--cuda_graphs", "on", *flags],
-                       capture_output=True, text=True)  # a bench-sized run is a "small job": force the fast path
+                       capture_output=True, text=True, env=env)  # a bench-sized run is a "small job": force the fast path
     wall = time.perf_counter() - t
+    if log is not None:  # every run's stderr (with --torch_logs: dynamo's timestamped compile lines, recompiles)
+        with log.open("a") as f:
+            f.write(f"===== {name} (rc {r.returncode})\n{r.stderr}\n")
     logs = []
     if (out / "metrics.jsonl").is_file():
         logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -65,12 +70,16 @@ def main(argv=None) -> int:
     p.add_argument("--fp16", action="store_true", help="also run --fp16 uncapped")
     p.add_argument("--eager", action="store_true", help="also run --compile off (CUDA graphs still on) uncapped")
     p.add_argument("--small_jobs", action="store_true", help="also time test_saved_lora.py on 3,000 texts")
+    p.add_argument("--torch_logs", default="", help="TORCH_LOGS for the training runs (e.g. dynamo,recompiles); "
+                   "every run's stderr goes to --out/runs_stderr.txt")
     p.add_argument("--workdir", default="/tmp/lft_bench")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     work, out = Path(args.workdir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs_stderr.txt"
+    log.unlink(missing_ok=True)
     ckpt = build_checkpoint_folder(work / "qwen3-1.7b-shaped")
     from transformers import AutoTokenizer
 
@@ -80,11 +89,11 @@ def main(argv=None) -> int:
     rows = []
     for cap in args.caps.split(","):
         c = 0.0 if cap == "none" else float(cap)
-        rows.append(one_run(f"defaults_cap{cap}", c, ckpt, train, val, work, []))
+        rows.append(one_run(f"defaults_cap{cap}", c, ckpt, train, val, work, [], args.torch_logs, log))
         (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
     for flag, extra in (("fp16", ["--fp16"]), ("eager", ["--compile", "off"])):
         if getattr(args, flag):
-            rows.append(one_run(flag, 0.0, ckpt, train, val, work, extra))
+            rows.append(one_run(flag, 0.0, ckpt, train, val, work, extra, args.torch_logs, log))
             (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
     small = []
     if args.small_jobs:

@@ -8,10 +8,11 @@
     curl -s localhost:8000/classify -d '{"model": "...", "input": ["文本一", "文本二"]}'  # vLLM format
 
 Routes: POST /predict (text-embeddings-inference), POST /classify and /v1/classify (vLLM), GET /health,
-/info, /metrics (Prometheus). Concurrent requests share forwards: a lone request on an idle server runs at
-once; texts that queue while a forward runs wait at most --max_wait_ms for the queue to fill
---max_batch_tokens, then run as one batch (lft/serving.py). SIGTERM: /health answers 503,
-requests in flight finish, exit 0. The startup prints `ready in X s (load A s, warm-up B s) on http://...`.
+/info, /metrics (Prometheus). --http_workers processes take the HTTP requests, check and tokenise them
+(lft/serving.py); this process holds the model once and batches their texts (lft/engine.py): a lone request
+on an idle server runs at once; texts that queue while a forward runs wait at most --max_wait_ms for the
+queue to fill --max_batch_tokens, then run as one batch. SIGTERM: /health answers 503, requests in flight
+finish, exit 0. The startup prints `ready in X s (load A s, warm-up B s) on http://...`.
 """
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_wait_ms", type=float, default=5.0,
                    help="under load, how long the first text queued during a forward waits for others to fill the "
                         "next one (an idle server does not wait)")
-    p.add_argument("--tokenizer_threads", type=int, default=2, help="threads that tokenise requests")
+    p.add_argument("--http_workers", type=int, default=None, help="HTTP worker processes in front of the model "
+                   "process: they parse, check and tokenise requests (default: a quarter of the CPU cores, 1 to 4)")
+    p.add_argument("--tokenizer_threads", type=int, default=2, help="threads per HTTP worker that tokenise long "
+                   "requests")
     # limits
     p.add_argument("--max_texts_per_request", type=int, default=256)
     p.add_argument("--max_chars_per_text", type=int, default=20000)
@@ -64,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     problems = []
     for flag in ("max_batch_tokens", "max_texts_per_request", "max_chars_per_text", "max_body_bytes",
-                 "max_concurrent_requests", "tokenizer_threads"):
-        if getattr(args, flag) < 1:
+                 "max_concurrent_requests", "tokenizer_threads", "http_workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag} must be >= 1")
     if args.max_wait_ms < 0 or args.drain_timeout < 0:
         problems.append("--max_wait_ms and --drain_timeout must be >= 0")
@@ -87,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from lft import adapter, serving
-    from lft.predict import Classifier, parse_thresholds
+    from lft import adapter, engine, serving
+    from lft.labels import parse_thresholds
 
     meta = adapter.read_classifier_config(args.lora_model)
     labels = meta["labels"]
@@ -103,14 +107,15 @@ def main(argv=None) -> int:
         max_texts_per_request=args.max_texts_per_request, max_chars_per_text=args.max_chars_per_text,
         max_body_bytes=args.max_body_bytes, max_concurrent_requests=args.max_concurrent_requests,
         drain_timeout_s=args.drain_timeout, tokenizer_threads=args.tokenizer_threads,
-        api_key=os.environ[args.api_key_env] if args.api_key_env else None)
+        http_workers=args.http_workers or min(4, max(1, (os.cpu_count() or 1) // 4)), api_key=os.environ[args.api_key_env] if args.api_key_env else None)
     sock = serving.bind(args.host, args.port)
-    service = serving.Service(settings, labels, thresholds, {"lora_model": redact(args.lora_model)}, T_START)
 
     def load():
+        from lft.predict import Classifier
+
         return Classifier.load(args.lora_model, args.checkpoint, args=args, max_length=args.max_length,
                                max_tokens=args.max_batch_tokens, quantize=args.quantize)
-    return serving.run(service, sock, load)
+    return engine.run(settings, labels, thresholds, {"lora_model": redact(args.lora_model)}, T_START, sock, load)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 qwen3_classification_direct.py at the top level; the library never imports a script).
 
   common      user errors, the CLI wrapper, atomic writes, secret redaction, OOM hints
-  labels      the label set and label normalisation (no torch: the exporter starts fast)
+  labels      the label set, label normalisation, thresholds (no torch: the exporter and HTTP workers start fast)
   tables      reading and writing .xlsx/.csv/.jsonl/.parquet tables
   data        loading/validating a split, tokenising, batching and collation (padded, packed, fixed-shape)
   runtime     device, dtypes, packing, attention, compile, CUDA graphs: one frozen Runtime from shared flags
@@ -20,7 +20,8 @@ qwen3_classification_direct.py at the top level; the library never imports a scr
   early_stopping  patience on the validation macro-F1, with checkpointable state
   tracking    --report_to tensorboard/mlflow/wandb/trackio (local files, optional packages)
   config      --config FILE (YAML/JSON, a run's args.json) between the defaults and the command line
-  serving     serve.py's HTTP server: request checks, token-budget dynamic batching, metrics, drain on SIGTERM
+  serving     serve.py's HTTP worker processes: request checks, tokenising, both wire formats, metrics, drain
+  engine      serve.py's model process: token-budget dynamic batching over every worker, supervising them
   demo        the embedded demo: a tiny local Qwen3 checkpoint, synthetic data, the scripts run end to end
 """
 import logging as _logging

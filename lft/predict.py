@@ -25,7 +25,6 @@ its threshold gets that label (the highest probability among such labels), else 
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from . import data as D
 from .common import UserError
+from .labels import choose_labels, parse_thresholds  # noqa: F401  (the API's thresholds; torch-free there)
 from .runtime import Runtime, autocast
 
 
@@ -95,44 +95,6 @@ class Predictor:
                                                 cu_seqlens=s["cu_seqlens"], max_len=s["max_len"]), dim=-1)
             self._graphs = RowGraphs(forward, self.rt.device)
         return self._graphs
-
-
-# --- thresholds --------------------------------------------------------------------------------------------
-
-def parse_thresholds(spec: str | None, labels, flag: str = "--threshold") -> dict[int, float]:
-    """'暴恐:0.3,色情低俗:0.5' -> {4: 0.3, 5: 0.5}. Full-width ':' and ',' are accepted."""
-    if not spec:
-        return {}
-    from .labels import clean_label
-
-    by_name = {n: i for i, n in enumerate(labels)}
-    out = {}
-    for part in spec.replace("，", ",").replace("：", ":").split(","):
-        if not part.strip():
-            continue
-        name, sep, value = part.rpartition(":")
-        name = clean_label(name)
-        try:
-            t = float(value)
-        except ValueError:
-            t = math.nan
-        if not sep or name not in by_name or not 0 < t <= 1:
-            raise UserError(f"{flag} {spec!r}: each item must be label:probability with a known label and "
-                            f"0 < probability <= 1 (bad: {part.strip()!r}; labels: {', '.join(labels)})")
-        out[by_name[name]] = t
-    return out
-
-
-def choose_labels(probs: np.ndarray, thresholds: dict[int, float] | None = None) -> np.ndarray:
-    """Label id per row: among the labels whose threshold the row reaches, the most probable; else argmax."""
-    pred = probs.argmax(1)
-    if thresholds:
-        ids = np.array(sorted(thresholds))
-        reached = probs[:, ids] >= np.array([thresholds[i] for i in ids])
-        masked = np.where(reached, probs[:, ids], -1.0)
-        hit = reached.any(1)
-        pred = np.where(hit, ids[masked.argmax(1)], pred)
-    return pred
 
 
 # --- the Python API ----------------------------------------------------------------------------------------

@@ -1,39 +1,36 @@
-"""HTTP serving: request parsing, token-budget dynamic batching, metrics, the app and its lifecycle (serve.py).
+"""serve.py's HTTP worker processes: request checks, tokenising, the two wire formats, metrics, drain.
 
-    service = Service(settings, labels, thresholds)
-    run(service, sock, load)        # serves until SIGTERM/Ctrl-C; `load()` returns a Classifier
+    worker_main(index, sock, conn, settings, labels, thresholds, url)   # a process lft/engine.py starts
 
-One model worker thread owns the model from loading to exit; the event loop never runs it. Request handlers
-check and tokenise (short requests inline, longer ones in a small thread pool), put their texts into one
-queue and await a future:
+Each worker runs uvicorn (uvloop, httptools) with the FastAPI app on the socket the model process bound;
+the kernel hands each new connection to one of them. A request is read, checked and tokenised here, then
+its token ids go down this worker's pipe to the model process (lft/engine.py), which batches the texts of all
+workers by tokens and answers with probabilities; labels, thresholds and the response shapes are done here:
 
-    handler:  body -> texts -> token ids (pool) -> Batcher.submit -> await future -> response
-    worker:   wait for a first text; on an idle server it goes at once; texts that queued while a forward
-              ran wait up to max_wait_ms after the first of them for the queue to fill max_batch_tokens; take
-              that many texts (any number of requests) -> one Predictor.probs call (Classifier.proba_of_ids:
-              packed rows on a GPU) -> resolve every request whose texts are all done
+    handler:  body -> texts -> token ids (inline, or a thread for long requests) -> EngineClient.submit ->
+              await the future -> response
 
-Under load the queue fills while a forward runs, so the next forward takes a full budget without waiting:
-forwards per second stay bounded by the model, not by the request rate. A request larger than the budget
-spans several forwards; its texts stay in order.
+The workers import neither torch nor transformers: they encode with the tokenizer the model process loaded,
+which it sends them as JSON when the model is ready (until then /health answers 503). Metrics of all the
+processes meet in prometheus_client's multiprocess directory; /metrics on any worker shows the sum.
 """
 import asyncio
-import collections
 import hmac
 import json
 import math
+import os
 import signal
 import sys
 import threading
 import time
-import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .common import UserError, redact
+from .common import UserError
+from .labels import choose_labels
 
 ROUTES = ("/predict", "/classify", "/v1/classify", "/health", "/info", "/metrics")
 OPENAI_ROUTES = ("/classify", "/v1/classify")
@@ -42,7 +39,7 @@ OPEN_ROUTES = ("/health", "/metrics")  # no key needed: probes and scrapers; the
 
 @dataclass(frozen=True)
 class Settings:
-    """The serving flags of serve.py, as the app uses them."""
+    """The serving flags of serve.py, as the processes use them."""
     model_name: str
     host: str = "127.0.0.1"
     max_batch_tokens: int = 16384
@@ -50,11 +47,11 @@ class Settings:
     max_texts_per_request: int = 256
     max_chars_per_text: int = 20000
     max_body_bytes: int = 2 << 20
-    max_concurrent_requests: int = 512
+    max_concurrent_requests: int = 512  # over all workers
     drain_timeout_s: float = 30.0
-    tokenizer_threads: int = 2
+    tokenizer_threads: int = 2  # per worker
+    http_workers: int = 1
     api_key: str | None = field(default=None, repr=False)
-
 
 # --- errors ------------------------------------------------------------------------------------------------
 
@@ -183,18 +180,40 @@ def parse_classify(body, s: Settings) -> tuple[list[str], bool]:
         raise ApiError(400 if e.status == 422 else e.status, e.message) from None
     return texts, single
 
+class Encoder:
+    """The model's tokenizer in a worker: the `tokenizers` backend that qwen3_classification_direct.load_tokenizer
+    made in the model process (every added token special, special tokens split: no string a user types becomes
+    a control token), rebuilt from its JSON. Encodes as Classifier.token_ids does."""
 
-def encode(clf, texts: list[str], truncate: bool, field_name: str = "inputs") -> list[list[int]]:
-    """Token ids per text (in a worker thread: the tokenizer releases the GIL). A text over max_length
-    tokens keeps its first max_length tokens with `truncate`, else is refused with its index."""
-    ids = clf.token_ids(texts)
-    if not truncate:
-        for i, x in enumerate(ids):
-            if len(x) > clf.max_length:
-                raise ApiError(413, f"`{field_name}[{i}]` has {len(x)} tokens; this model reads at most "
-                                    f"{clf.max_length}: send \"truncate\": true to keep the first {clf.max_length}")
-    return clf.cut(ids)
+    def __init__(self, tokenizer_json: str, pad_id: int, max_length: int):
+        from tokenizers import Tokenizer
 
+        tok = Tokenizer.from_str(tokenizer_json)
+        tok.encode_special_tokens = True  # a setting, not part of the JSON
+        tok.no_truncation()
+        tok.no_padding()
+        self._encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: the same ids, no offsets
+        self.pad_id, self.max_length = pad_id, max_length
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Every token id of each text, none cut. Safe from several threads."""
+        return [e.ids for e in self._encode(texts, add_special_tokens=False)] if texts else []
+
+    def cut(self, ids: list[list[int]]) -> list[list[int]]:
+        """Each text's first max_length ids (a text that tokenises to nothing reads as one pad token)."""
+        return [x[:self.max_length] or [self.pad_id] for x in ids]
+
+    def encode(self, texts: list[str], truncate: bool, field_name: str = "inputs") -> list[list[int]]:
+        """Token ids per text. A text over max_length tokens keeps its first max_length tokens with `truncate`,
+        else is refused with its index."""
+        ids = self.token_ids(texts)
+        if not truncate:
+            for i, x in enumerate(ids):
+                if len(x) > self.max_length:
+                    raise ApiError(413, f"`{field_name}[{i}]` has {len(x)} tokens; this model reads at most "
+                                        f"{self.max_length}: send \"truncate\": true to keep the first "
+                                        f"{self.max_length}")
+        return self.cut(ids)
 
 # --- output shapes ----------------------------------------------------------------------------------------
 
@@ -215,19 +234,24 @@ def vllm_response(P: np.ndarray, chosen: np.ndarray, labels: list[str], model: s
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens, "completion_tokens": 0,
                       "prompt_tokens_details": None}}
 
-
 # --- metrics ----------------------------------------------------------------------------------------------
 
 class Metrics:
-    """Prometheus metrics in a registry of their own (names start with lft_serve_)."""
+    """Prometheus metrics (names start with lft_serve_). Under serve.py every process writes them into the
+    PROMETHEUS_MULTIPROC_DIR the model process made, and render() sums them; gauges over live processes."""
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
         from prometheus_client import disable_created_metrics
 
         disable_created_metrics()  # no *_created series: they double the page and no dashboard reads them
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)
+        if not self.multiprocess:
+            ProcessCollector(registry=r)
+
+        def gauge(name, doc):
+            return Gauge(name, doc, registry=r, multiprocess_mode="livesum")
         self.requests = Counter("lft_serve_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
         self.errors = Counter("lft_serve_request_errors", "HTTP requests answered with status >= 400",
@@ -240,207 +264,102 @@ class Metrics:
                                       buckets=[2 ** k for k in range(4, 18)], registry=r)
         self.forward_seconds = Histogram("lft_serve_forward_seconds", "time of one model forward",
                                          buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5), registry=r)
-        self.queue_texts = Gauge("lft_serve_queue_texts", "texts waiting for the model", registry=r)
-        self.queue_tokens = Gauge("lft_serve_queue_tokens", "tokens waiting for the model", registry=r)
-        self.in_flight = Gauge("lft_serve_requests_in_flight", "classification requests being handled", registry=r)
+        self.queue_texts = gauge("lft_serve_queue_texts", "texts waiting for the model")
+        self.queue_tokens = gauge("lft_serve_queue_tokens", "tokens waiting for the model")
+        self.in_flight = gauge("lft_serve_requests_in_flight", "classification requests being handled")
         self.texts = Counter("lft_serve_texts", "texts classified", registry=r)
         self.tokens = Counter("lft_serve_tokens", "real tokens classified", registry=r)
 
     def render(self) -> bytes:
-        from prometheus_client import generate_latest
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
 
-        return generate_latest(self.registry)
-
-
-# --- the batcher ------------------------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class _Job:
-    ids: list[list[int]]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    probs: list = field(default_factory=list)
-    left: int = 0
-    failed: bool = False
-
-    def gone(self) -> bool:  # the client went away (future cancelled) or an earlier forward failed
-        return self.failed or self.future.done()
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
-def _resolve(fut: asyncio.Future, value=None, error: BaseException | None = None) -> None:
-    if not fut.done():
-        fut.set_exception(error) if error is not None else fut.set_result(value)
+# --- a worker: its state, and its side of the pipe to the model process -------------------------------------
 
+class Front:
+    """What this worker's routes share: settings, labels, thresholds, state, and the model's answers."""
 
-INLINE_TOKENISE_CHARS = 2000  # requests up to this many characters are tokenised on the event loop (~0.1 ms)
-
-
-class Batcher:
-    """One queue of texts from every request; the model worker takes up to `max_tokens` of them per forward."""
-
-    def __init__(self, max_tokens: int, max_wait_s: float, metrics: Metrics):
-        self.max_tokens, self.max_wait_s, self.m = max_tokens, max_wait_s, metrics
-        self._q: collections.deque = collections.deque()  # (job, k, n_tokens, t_queued)
-        self._tokens = 0
-        self._cv = threading.Condition()
-        self._stop = False
-
-    def submit(self, ids: list[list[int]], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """Queue one request's texts; the future gets their (n, num_labels) probabilities."""
-        job = _Job(ids, loop, loop.create_future(), [None] * len(ids), len(ids))
-        now = time.monotonic()
-        with self._cv:
-            for k, x in enumerate(ids):
-                self._q.append((job, k, len(x), now))
-            self._tokens += sum(map(len, ids))
-            self._gauges()
-            self._cv.notify()
-        return job.future
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-
-    def _gauges(self) -> None:
-        self.m.queue_texts.set(len(self._q))
-        self.m.queue_tokens.set(self._tokens)
-
-    def _take(self) -> list | None:
-        """Take texts in order while they fit the token budget (always at least one). On an idle server the
-        first text goes at once (no batching delay for a lone request); texts that queued while the model was
-        busy wait up to max_wait after the first of them for the budget to fill."""
-        with self._cv:
-            while True:
-                idle = not self._q
-                while not self._q and not self._stop:
-                    self._cv.wait()
-                if self._stop:
-                    return None
-                deadline = self._q[0][3] + (0.0 if idle else self.max_wait_s)
-                while self._tokens < self.max_tokens and not self._stop:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cv.wait(left)
-                items, total = [], 0
-                while self._q and (not items or total + self._q[0][2] <= self.max_tokens):
-                    item = self._q.popleft()
-                    self._tokens -= item[2]
-                    if not item[0].gone():
-                        items.append(item)
-                        total += item[2]
-                self._gauges()
-                if items:
-                    return items
-
-    def run(self, forward) -> None:
-        """The worker loop: `forward(ids)` -> (n, num_labels) probabilities, until stop()."""
-        while (items := self._take()) is not None:
-            ids = [job.ids[k] for job, k, _, _ in items]
-            n_tokens = sum(n for _, _, n, _ in items)
-            t = time.perf_counter()
-            try:
-                P = forward(ids)
-            except Exception as e:  # a failed forward fails its requests, not the server
-                traceback.print_exc()
-                err = ApiError(500, f"the model failed on this batch: {type(e).__name__}: {str(e)[:200]}")
-                for job in {id(j): j for j, _, _, _ in items}.values():
-                    job.failed = True
-                    job.loop.call_soon_threadsafe(_resolve, job.future, None, err)
-                continue
-            self.m.forward_seconds.observe(time.perf_counter() - t)
-            self.m.batch_texts.observe(len(ids))
-            self.m.batch_tokens.observe(n_tokens)
-            self.m.texts.inc(len(ids))
-            self.m.tokens.inc(n_tokens)
-            for (job, k, _, _), p in zip(items, P):
-                job.probs[k] = p
-                job.left -= 1
-                if job.left == 0:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, np.stack(job.probs))
-
-
-# --- the service: model state and the routes ---------------------------------------------------------------
-
-class Service:
-    """Everything the routes share: settings, labels, thresholds, state, the classifier once loaded."""
-
-    def __init__(self, settings: Settings, labels: list[str], thresholds: dict[int, float], info: dict | None = None,
-                 t_start: float | None = None):
+    def __init__(self, settings: Settings, labels: list[str], thresholds: dict[int, float], conn):
         self.s, self.labels, self.thresholds = settings, list(labels), thresholds
-        self.static_info = info or {}
-        self.t_start = t_start if t_start is not None else time.perf_counter()
         self.metrics = Metrics()
-        self.batcher = Batcher(settings.max_batch_tokens, settings.max_wait_ms / 1000, self.metrics)
-        self.clf = None
         self.state = "loading"  # -> ready -> draining; or failed
-        self.exit_code = 0
+        self.info: dict = {}
+        self.encoder: Encoder | None = None
         self.in_flight = 0
+        self.max_in_flight = max(1, -(-settings.max_concurrent_requests // settings.http_workers))
         self.drain_deadline = math.inf
         self.pool = ThreadPoolExecutor(max_workers=settings.tokenizer_threads, thread_name_prefix="tokenize")
-        self.url = ""
+        self.conn = conn
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next = 0
 
-    # the model worker thread: load, warm up, then serve the queue until stopped
-    def model_worker(self, load, on_fail) -> None:
-        from .predict import choose_labels  # noqa: F401  (torch is loaded here, not at import)
+    # the pipe: requests go down from the event loop; a reader thread brings answers and state changes back
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        threading.Thread(target=self._read, name="pipe", daemon=True).start()
 
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):  # the model process is gone
+                msg = ("failed",)
+            self.loop.call_soon_threadsafe(self._on_message, msg)
+            if msg[0] == "failed":
+                return
+
+    def _on_message(self, msg) -> None:
+        kind = msg[0]
+        if kind == "done":
+            for key, probs, error in msg[1]:
+                fut = self._pending.pop(key, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ApiError(*error)) if error is not None else fut.set_result(probs)
+        elif kind == "ready":
+            info, tokenizer_json, pad_id, max_length = msg[1:]
+            self.encoder = Encoder(tokenizer_json, pad_id, max_length)
+            self.info = info
+            if self.state == "loading":
+                self.state = "ready"
+            self.conn.send(("ready",))
+        elif kind == "drain":
+            self.start_drain()
+        elif kind == "failed":
+            self.state = "failed"
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ApiError(503, "the model process stopped"))
+            self._pending.clear()
+
+    async def classify(self, ids: list[list[int]]) -> np.ndarray:
+        """(n, num_labels) probabilities of these texts from the model process."""
+        self._next += 1
+        key, fut = self._next, self.loop.create_future()
+        self._pending[key] = fut
+        self.conn.send(("job", key, ids))
         try:
-            t0 = time.perf_counter()
-            clf = load()
-            t1 = time.perf_counter()
-            self.warm_up(clf)
-            t2 = time.perf_counter()
-        except UserError as e:
-            print(f"error: {' '.join(redact(e).split())}", file=sys.stderr, flush=True)
-            self.state, self.exit_code = "failed", 2
-            on_fail()
-            return
-        except BaseException:
-            traceback.print_exc()
-            self.state, self.exit_code = "failed", 1
-            on_fail()
-            return
-        self.clf = clf
-        if self.state == "loading":
-            self.state = "ready"
-        print(f"ready in {t2 - self.t_start:.1f} s (load {t1 - t0:.1f} s, warm-up {t2 - t1:.1f} s) on {self.url}",
-              flush=True)
-        self.batcher.run(clf.proba_of_ids)
-
-    def warm_up(self, clf) -> None:
-        """One short text and one full token budget, twice each (a row shape is compiled on its first use and
-        captured as a CUDA graph on its second): first-use costs are paid before the first request, not by it."""
-        n = max(1, self.s.max_batch_tokens // clf.max_length)
-        for ids in ([[clf.tokenizer.pad_token_id] * 8], [[clf.tokenizer.pad_token_id] * clf.max_length] * n):
-            for _ in range(2):
-                clf.proba_of_ids(ids)
-
-    def info(self) -> dict:
-        clf, rt = self.clf, self.clf.runtime
-        meta = clf.meta
-        return {"model_id": self.s.model_name, "model_identity": clf.identity, "labels": self.labels,
-                "num_labels": len(self.labels), "max_length": clf.max_length, "pooling": meta.get("pooling"),
-                "precision": rt.precision, "quantize": getattr(clf, "quantize", "none"), "device": str(rt.device),
-                "packing": rt.packing, "attention": rt.attn,
-                "cuda_graphs": rt.eval_graphs, "base": meta.get("base", {}).get("name"),
-                "base_architecture_sha256": meta.get("base", {}).get("architecture_sha256"),
-                "thresholds": {self.labels[k]: v for k, v in sorted(self.thresholds.items())},
-                "max_batch_tokens": self.s.max_batch_tokens, "max_wait_ms": self.s.max_wait_ms,
-                "max_texts_per_request": self.s.max_texts_per_request,
-                "max_chars_per_text": self.s.max_chars_per_text, "max_body_bytes": self.s.max_body_bytes,
-                "max_concurrent_requests": self.s.max_concurrent_requests, "version": version(),
-                **self.static_info}
+            return await fut
+        except asyncio.CancelledError:  # the client went away: its texts need not run
+            if self._pending.pop(key, None) is not None:
+                self.conn.send(("cancel", key))
+            raise
 
     def start_drain(self) -> None:
-        if self.state != "draining":
-            print(f"draining: {self.in_flight} request(s) in flight; /health answers 503", flush=True)
+        if self.state in ("loading", "ready"):
             self.state = "draining"
             self.drain_deadline = time.monotonic() + self.s.drain_timeout_s
 
     def drained(self) -> bool:
-        return self.state in ("draining", "failed") and (self.in_flight == 0 or time.monotonic() > self.drain_deadline)
-
+        return self.state == "failed" or \
+            self.state == "draining" and (self.in_flight == 0 or time.monotonic() > self.drain_deadline)
 
 def check_api_key(request, api_key: str | None) -> None:
     """401 unless the request carries `Authorization: Bearer <api_key>` (compared in constant time)."""
@@ -479,14 +398,12 @@ def event_loop_factory():
     return uvloop.new_event_loop
 
 
-def make_app(service: Service):
+def make_app(front: Front):
     """The FastAPI app; bodies are read and checked by hand (limits, messages naming the field)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
 
-    from .predict import choose_labels
-
-    s = service.s
+    s = front.s
     app = FastAPI(title="lft classifier", docs_url=None, redoc_url=None, openapi_url=None)
 
     def authorise(request) -> None:
@@ -498,28 +415,28 @@ def make_app(service: Service):
     async def classify_texts(request: Request, route: str, parse):
         """The shared path of both formats: auth, state, body, tokens, the queue."""
         authorise(request)
-        if service.state != "ready":
-            raise ApiError(503, "the model is still loading" if service.state == "loading" else
-                           "the server is shutting down" if service.state == "draining" else "the model failed")
-        if service.in_flight >= s.max_concurrent_requests:
-            raise ApiError(429, f"{service.in_flight} requests in flight, the most this server takes "
-                                "(--max_concurrent_requests): retry later")
-        service.in_flight += 1
-        service.metrics.in_flight.inc()
+        if front.state != "ready":
+            raise ApiError(503, "the model is still loading" if front.state == "loading" else
+                           "the server is shutting down" if front.state == "draining" else "the model failed")
+        if front.in_flight >= front.max_in_flight:
+            raise ApiError(429, f"{front.in_flight} requests in flight on this worker, the most it takes "
+                                "(--max_concurrent_requests over --http_workers): retry later")
+        front.in_flight += 1
+        front.metrics.in_flight.inc()
         try:
             texts, single, *opts = parse(await read_json(request), s)
             truncate = opts[1] if opts else True  # /classify keeps the first max_length tokens, as training did
             loop = asyncio.get_running_loop()
             field = "input" if route in OPENAI_ROUTES else "inputs"
             if sum(map(len, texts)) <= INLINE_TOKENISE_CHARS:  # a thread hop costs more than tokenising this
-                ids = encode(service.clf, texts, truncate, field)
+                ids = front.encoder.encode(texts, truncate, field)
             else:
-                ids = await loop.run_in_executor(service.pool, encode, service.clf, texts, truncate, field)
-            P = await service.batcher.submit(ids, loop)
+                ids = await loop.run_in_executor(front.pool, front.encoder.encode, texts, truncate, field)
+            P = await front.classify(ids)
         finally:
-            service.in_flight -= 1
-            service.metrics.in_flight.dec()
-        return P, choose_labels(P, service.thresholds), single, opts, sum(map(len, ids))
+            front.in_flight -= 1
+            front.metrics.in_flight.dec()
+        return P, choose_labels(P, front.thresholds), single, opts, sum(map(len, ids))
 
     def answer(route: str, work):
         async def handler(request: Request):
@@ -532,20 +449,20 @@ def make_app(service: Service):
 
     async def predict(request: Request):
         P, chosen, single, (raw, _), _ = await classify_texts(request, "/predict", parse_predict)
-        out = [tei_scores(p, int(k), service.labels, raw) for p, k in zip(P, chosen)]
+        out = [tei_scores(p, int(k), front.labels, raw) for p, k in zip(P, chosen)]
         return out[0] if single else out
 
     def classify(route):
         async def work(request: Request):
             P, chosen, _, _, n_tokens = await classify_texts(request, route, parse_classify)
-            return vllm_response(P, chosen, service.labels, s.model_name, n_tokens)
+            return vllm_response(P, chosen, front.labels, s.model_name, n_tokens)
         return work
 
     async def info(request: Request):
         authorise(request)
-        if service.clf is None:
-            raise ApiError(503, f"the model is {service.state}")
-        return service.info()
+        if not front.info:
+            raise ApiError(503, f"the model is {front.state}")
+        return front.info
 
     app.add_api_route("/predict", answer("/predict", predict), methods=["POST"])
     for route in OPENAI_ROUTES:
@@ -554,14 +471,14 @@ def make_app(service: Service):
 
     @app.get("/health")
     async def health():
-        ok = service.state == "ready"
-        return JSONResponse({"status": "ok" if ok else service.state}, status_code=200 if ok else 503)
+        ok = front.state == "ready"
+        return JSONResponse({"status": "ok" if ok else front.state}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(front.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return MetricsMiddleware(app, service.metrics)
+    return MetricsMiddleware(app, front.metrics)
 
 
 class MetricsMiddleware:
@@ -590,45 +507,45 @@ class MetricsMiddleware:
             self.m.latency.labels(route).observe(time.perf_counter() - t)
 
 
-# --- lifecycle --------------------------------------------------------------------------------------------
 
-def run(service: Service, sock, load) -> int:
-    """Serve on the bound socket `sock` until SIGTERM/Ctrl-C; the model loads in the worker thread meanwhile.
-    SIGTERM: /health turns 503, new classification requests get 503, in-flight ones finish (at most
-    --drain_timeout), then exit 0. A second Ctrl-C exits at once."""
+# --- a worker process -------------------------------------------------------------------------------------
+
+INLINE_TOKENISE_CHARS = 2000  # requests up to this many characters are tokenised on the event loop (~0.1 ms)
+
+
+def worker_main(index: int, sock, conn, settings: Settings, labels: list[str], thresholds: dict[int, float],
+                url: str) -> None:
+    """An HTTP worker process (lft/engine.py starts it): uvicorn on `sock` until drained or the model process
+    stops. Ctrl-C is the model process's to act on (it tells every worker to drain); SIGTERM sent to a worker
+    alone drains that worker, and the model process then drains the rest."""
     import uvicorn
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    front = Front(settings, labels, thresholds, conn)
+
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # uvicorn's would re-raise the signal after shutdown: exit 0 instead
-            if service.state == "draining" and sig == signal.SIGINT:
-                self.force_exit = self.should_exit = True
-            service.start_drain()
+        def handle_exit(self, sig, frame):  # uvicorn's would re-raise the signal after shutdown
+            if sig != signal.SIGINT:
+                front.start_drain()
+
+        async def startup(self, sockets=None):
+            front.start(asyncio.get_running_loop())
+            await super().startup(sockets=sockets)
 
         async def on_tick(self, counter: int) -> bool:
-            if service.drained():
+            if front.drained():
                 self.should_exit = True
             return await super().on_tick(counter)
 
-    host, port = sock.getsockname()[:2]
-    service.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    config = uvicorn.Config(make_app(service), log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=service.s.drain_timeout_s)
+    config = uvicorn.Config(make_app(front), log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=settings.drain_timeout_s)
     server = Server(config)
-    print(f"loading the model; listening on {service.url} (/health answers 503 until ready)", flush=True)
-    worker = threading.Thread(target=service.model_worker, name="model",
-                              args=(load, lambda: setattr(server, "should_exit", True)), daemon=True)
-    worker.start()
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(server.serve(sockets=[sock]))
     finally:
-        service.batcher.stop()
-        service.pool.shutdown(wait=False, cancel_futures=True)
-        if service.state != "loading":  # let the worker leave torch before the interpreter shuts down
-            worker.join(timeout=10)
-    if service.exit_code == 0:
-        print("stopped", flush=True)
-    return service.exit_code
+        front.pool.shutdown(wait=False, cancel_futures=True)
+    sys.exit(0)
 
 
 def bind(host: str, port: int):
@@ -649,10 +566,3 @@ def bind(host: str, port: int):
     sock.listen(2048)
     sock.set_inheritable(False)
     return sock
-
-
-def version() -> str:
-    from . import __version__
-
-    return __version__
-

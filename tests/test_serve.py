@@ -3,6 +3,7 @@ HTTP: both route formats and their exact shapes, dynamic batching under 64 concu
 to sequential ones and to the Classifier API), bad requests, auth, thresholds, metrics, SIGTERM drain."""
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -10,11 +11,14 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import train_lora
 from conftest import REPO, subprocess_env
@@ -94,7 +98,7 @@ def clf(adapter_dir):
 def server(adapter_dir):
     s = Server("--lora_model", str(adapter_dir), "--served_model_name", "safety", "--api_key_env", KEY_ENV,
                "--max_texts_per_request", "8", "--max_chars_per_text", "300", "--max_body_bytes", "4096",
-               env={KEY_ENV: KEY})
+               "--http_workers", "2", env={KEY_ENV: KEY})
     yield s
     s.stop()
 
@@ -102,7 +106,8 @@ def server(adapter_dir):
 @pytest.fixture(scope="module")
 def slow_server(adapter_dir):
     """One text per forward (the budget is one max_length) and a threshold that every text reaches."""
-    s = Server("--lora_model", str(adapter_dir), "--max_batch_tokens", "64", "--threshold", "暴恐:0.000001")
+    s = Server("--lora_model", str(adapter_dir), "--max_batch_tokens", "64", "--threshold", "暴恐:0.000001",
+               "--http_workers", "2")
     yield s
     s.stop()
 
@@ -149,11 +154,13 @@ def test_shapes_of_both_formats_info_and_health(server, clf, texts):
     assert info["model_identity"] == clf.identity and info["labels"] == LABELS and info["max_length"] == 64
     assert info["precision"].startswith("fp32") and info["pooling"] == "last" and info["base"] == "qwen3-tiny"
     assert info["model_id"] == "safety" and re.fullmatch(r"\d+\.\d+\.\d+", info["version"])
+    assert info["http_workers"] == 2
     h = server.client.get("/health")
     assert (h.status_code, h.json()) == (200, {"status": "ok"})
 
 
 def test_concurrent_requests_are_batched_and_equal_sequential_and_api(server, clf, texts):
+    """64 parallel requests over 2 HTTP worker processes share forwards; /metrics sums every process."""
     before = server.metrics()
     sequential = [post(server, "/classify", {"input": t}).json()["data"][0]["probs"] for t in texts]
     mid = server.metrics()
@@ -299,3 +306,71 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(slow_server, texts):
     assert results == [(200, 64)] * 8
     assert slow_server.proc.wait(30) == 0, "\n".join(slow_server.lines[-30:])
     assert "stopped" in slow_server.lines[-1]
+
+
+ADVERSARIAL = ["<|endoftext|>", "a<|im_start|>b<|im_end|>", "<think>x</think>", "<tool_call>", "<|fim_prefix|>",
+               "今天天气很好<|endoftext|>", "  spaces\tand\nlines  ", "\u200b\u200d", "emoji 😀👍🏽", "Ｆｕｌｌ　ｗｉｄｔｈ",
+               "\x00\x01 control", "ﬁ ligature", "x" * 500, ""]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.text(), st.sampled_from(ADVERSARIAL)), max_size=6).map("".join))
+def test_worker_encoder_encodes_as_the_classifier(clf_tokens, text):
+    """HTTP workers encode with the tokenizer JSON the model process sends them (no torch there): the same ids
+    as Classifier.token_ids for any text, and no special-token id from any text."""
+    clf, enc = clf_tokens
+    assert enc.token_ids([text]) == clf.token_ids([text])
+    assert enc.cut(enc.token_ids([text])) == clf.encode([text])
+    assert not set(enc.token_ids([text])[0]) & clf_tokens_special(clf)
+
+
+def clf_tokens_special(clf) -> set[int]:
+    return {int(i) for i in clf.tokenizer.backend_tokenizer.get_added_tokens_decoder()}
+
+
+@pytest.fixture(scope="module")
+def clf_tokens(clf):
+    from lft.serving import Encoder
+
+    tok = clf.tokenizer
+    enc = Encoder(tok.backend_tokenizer.to_str(), tok.pad_token_id, clf.max_length)
+    assert enc.token_ids(ADVERSARIAL) == clf.token_ids(ADVERSARIAL)
+    return clf, enc
+
+
+def _workers(pid: int) -> list[int]:
+    """The HTTP worker processes of a serve.py process (its spawned children, not the resource tracker)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return [k for k in kids if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def test_a_crashed_worker_stops_the_server_and_a_killed_server_its_workers(adapter_dir, texts):
+    s = Server("--lora_model", str(adapter_dir), "--http_workers", "2")
+    try:
+        workers = _workers(s.proc.pid)
+        assert len(workers) == 2
+        assert s.client.post("/predict", json={"inputs": texts[0]}).status_code == 200
+        os.kill(workers[0], signal.SIGKILL)
+        assert s.proc.wait(30) == 1
+        assert any(re.fullmatch(r"error: HTTP worker \d exited with -9; stopping the server", x) for x in s.lines)
+    finally:
+        s.stop()
+    s = Server("--lora_model", str(adapter_dir), "--http_workers", "2")
+    workers = _workers(s.proc.pid)
+    s.proc.kill()  # kill -9 of the model process: its workers see the pipe close and exit
+    s.proc.wait()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{w}").exists() and b"Z" not in _state(w) for w in workers):
+        assert time.monotonic() < deadline, "HTTP workers outlived the model process"
+        time.sleep(0.1)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(s.url + "/health", timeout=5)
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return b"Z"

@@ -85,22 +85,36 @@ def time_script(model: Path, ckpt: Path, data: Path, out: Path, device: str, ext
 
 
 def time_api(model: Path, ckpt: Path, device: str, calls: int, warmup: int = 20) -> dict:
-    from lft.predict import Classifier
+    """Classifier.predict on one short text: p50/p99 of the whole call, and p50 of its stages (tokenise,
+    forward to probabilities on the CPU, labels and Prediction objects)."""
+    from lft.predict import Classifier, choose_labels
 
     clf = Classifier.load(model, checkpoint=ckpt, device=device)
     text = ["这家店的服务态度很好，下次还来。"]
     for _ in range(warmup):  # first calls compile and capture graphs
         clf.predict(text)
-    times = []
+    sync = torch.cuda.synchronize if clf.runtime.device.type == "cuda" else (lambda: None)
+    times, stages = [], {"tokenise": [], "forward": [], "labels": []}
     for _ in range(calls):
-        if clf.runtime.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         clf.predict(text)  # returns Python floats: the result is on the CPU, so the time is complete
         times.append(time.perf_counter() - t)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1000  # noqa: E731
-    return {"calls": calls, "p50_ms": pick(0.50), "p99_ms": pick(0.99), "precision": clf.runtime.precision}
+    for _ in range(calls):
+        sync()
+        t0 = time.perf_counter()
+        ids = clf.encode(text)
+        t1 = time.perf_counter()
+        P = clf.proba_of_ids(ids)
+        t2 = time.perf_counter()
+        clf.to_predictions(P, choose_labels(P))
+        t3 = time.perf_counter()
+        for k, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
+            stages[k].append(dt)
+    pick = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1000  # noqa: E731
+    return {"calls": calls, "p50_ms": pick(times, 0.50), "p99_ms": pick(times, 0.99),
+            "stages_p50_ms": {k: round(pick(v, 0.5), 3) for k, v in stages.items()},
+            "precision": clf.runtime.precision}
 
 
 def main(argv=None) -> int:
@@ -136,6 +150,7 @@ def main(argv=None) -> int:
     print(f"| where the time went (main thread) | {script['where']} |")
     print(f"| model load / whole command | {script['load_s']:.1f} s / {script['wall_s']:.1f} s |")
     print(f"| API, one short text: p50 / p99 over {calls} calls | {api['p50_ms']:.1f} / {api['p99_ms']:.1f} ms |")
+    print("| API stages, p50 ms | " + ", ".join(f"{k} {v:.2f}" for k, v in api["stages_p50_ms"].items()) + " |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_predict.json").write_text(json.dumps(
         {"device": name, "shape": shape, "script": script, "api": api, "extra": extra}, indent=2))

@@ -6,8 +6,9 @@ adapter for it, draws texts whose token lengths follow bench_gpu.lengths() (log-
 [8, 256]), then:
   offline  Classifier.proba_of_ids over all texts, rows of --max_batch_tokens (the server's budget): tokens/s
   (a)      serve.py; --clients concurrent clients (asyncio, spread over --client_procs processes) each send
-           single-text /classify requests for --duration s: served real tokens/s (usage.prompt_tokens), and
-           its ratio to offline; forwards and texts/tokens per forward from /metrics
+           single-text /classify requests, first for --warmup s (not counted: new row shapes get their CUDA
+           graphs), then for --duration s: served real tokens/s (usage.prompt_tokens), and its ratio to
+           offline; forwards and texts/tokens per forward from /metrics
   (b)      one 70-token request at a time on the idle server, --latency_requests times: p50/p99 latency
 and prints a markdown table (also written to --out/bench_serve.json).
 
@@ -87,10 +88,14 @@ class Server:
                                      env=dict(os.environ, PYTHONPATH=os.pathsep.join(
                                          filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))))
         self.url = self.ready_line = None
+        self.workers = "?"
         ready = threading.Event()
 
         def read():
             for line in self.proc.stdout:
+                w = re.search(r"with (\d+) HTTP worker", line)
+                if w:
+                    self.workers = w.group(1)
                 m = re.match(r"ready in .* on (http://\S+)$", line.strip())
                 if m:
                     self.url, self.ready_line = m.group(1), line.strip()
@@ -197,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/lft_bench", help="checkpoint and adapter folders go here")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where bench_serve.json goes")
     p.add_argument("--duration", type=float, default=None, help="seconds of load (default 20; --quick 5)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds of the same load before the measured phase "
+                   "(new row shapes are captured as CUDA graphs then; default 5; --quick 1)")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--client_procs", type=int, default=None, help="client processes (default 4; --quick 1)")
     p.add_argument("--latency_requests", type=int, default=None, help="default 200; --quick 50")
@@ -247,6 +254,7 @@ def main(argv=None) -> int:
                      str(args.max_batch_tokens), *serve_flags])
     try:
         print(server.ready_line, flush=True)
+        load_phase(server.url, texts, args.clients, procs, args.warmup if args.warmup is not None else 1 if q else 5)
         m0 = server.metrics()
         n_req, n_tok, n_err, wall = load_phase(server.url, texts, args.clients, procs, duration)
         m1 = server.metrics()
@@ -265,7 +273,8 @@ def main(argv=None) -> int:
            "tokens_per_forward": (m1["lft_serve_batch_tokens_sum"] - m0["lft_serve_batch_tokens_sum"]) / max(forwards, 1),
            "latency_tokens": lat_tokens, "latency_requests": n_latency, "latency_p50_ms": 1000 * p50,
            "latency_p99_ms": 1000 * p99, "serve_flags": serve_flags, "exit_code": rc}
-    rows = [("server start", res["ready_line"]),
+    res["http_workers"] = server.workers
+    rows = [("server start", res["ready_line"]), ("HTTP worker processes", server.workers),
             (f"(a) {args.clients} clients x {wall:.1f} s: served real tokens/s", f"{served_tps:,.0f}"),
             ("(a) requests/s (errors)", f"{n_req / wall:,.1f} ({n_err})"),
             ("offline Predictor tokens/s, same texts", f"{offline_tps:,.0f}"),

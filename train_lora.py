@@ -21,6 +21,7 @@ save a checkpoint at the next step and exit 143 / 130. Under torchrun --max_rest
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -205,9 +206,11 @@ def lora_spec(args) -> dict:
 def memory_probe(model, args, rt: R.Runtime, pad_id: int) -> "M.Probe | None":
     """On a GPU, one forward/backward of the largest micro-batch the run can meet (batch_size texts of
     max_length tokens, or with packing the largest row accumulation can make) before the texts are tokenised,
-    measured for the memory plan (lft/memory.py). With packing, a row that does not fit is halved until one
-    does (the plan then caps the rows); running out of memory otherwise shows in seconds, as one line naming the
-    flags. Gradients are dropped; the RNG is re-seeded afterwards, so the run is unchanged."""
+    measured for the memory plan (lft/memory.py), in training mode (LoRA dropout keeps its masks for the
+    backward, as in training; and the graph compiled here is the one training replays). With packing, a row that
+    does not fit is halved until one does (the plan then caps the rows); running out of memory otherwise shows in
+    seconds, as one line naming the flags. Gradients are dropped; the RNG is re-seeded afterwards, so the run is
+    unchanged."""
     if rt.device.type != "cuda":
         return None
     n = args.batch_size
@@ -216,24 +219,17 @@ def memory_probe(model, args, rt: R.Runtime, pad_id: int) -> "M.Probe | None":
     while True:
         seqs = [[pad_id] * args.max_length for _ in range(n)]
         enc = D.to_device(D.collate_packed(seqs) if rt.packing else D.collate_padded(seqs, pad_id), rt.device)
-        torch.cuda.synchronize(rt.device)
-        before = torch.cuda.memory_allocated(rt.device)
-        torch.cuda.reset_peak_memory_stats(rt.device)
         try:
             with explain_oom(f"one text of --max_length {args.max_length} tokens does not fit (--batch_size "
                              f"{args.batch_size}): lower --max_length" if n == 1 or not rt.packing else
                              f"one micro-batch of --batch_size {args.batch_size} x --max_length {args.max_length} "
                              "tokens does not fit: lower either (raise --gradient_accumulation_steps to keep the "
                              "batch)"):
-                with R.autocast(rt.device, rt.amp_dtype):
-                    model(**enc).float().sum().backward()
-                torch.cuda.synchronize(rt.device)
-            probe = M.Probe(n * args.max_length, before, torch.cuda.max_memory_allocated(rt.device))
+                probe = M.Probe(n * args.max_length, *_measured_step(model, enc, rt))
         except UserError:
             if n == 1 or not rt.packing:
                 raise
             probe = None
-        model.zero_grad(set_to_none=True)
         del enc
         torch.cuda.empty_cache()
         if probe is not None:
@@ -241,22 +237,50 @@ def memory_probe(model, args, rt: R.Runtime, pad_id: int) -> "M.Probe | None":
         n //= 2  # packed rows can be narrower than a micro-batch: find one that fits, the plan does the rest
 
 
-def reserve_graph_pool(model, args, rt: R.Runtime, row_tokens: int, pad_id: int) -> None:
-    """With training graphs: one forward/backward of the widest row the plan allows, on the graphs' stream with
-    memory from their pool (lft/cuda_graphs.py), so the pool is sized once for the largest row. Rows then reuse
-    its blocks whatever order their widths come in, instead of adding segments as wider rows appear (a 14 GiB
-    cap ran out of memory that way on an H200). Gradients are dropped."""
+def _measured_step(model, enc: dict, rt: R.Runtime, pool: bool = False) -> tuple[int, int]:
+    """(bytes allocated before, peak bytes during) one forward/backward of `enc` in training mode (`pool`: on
+    the CUDA graphs' stream, with memory from their pool). Gradients are dropped; the mode is restored."""
     from lft import cuda_graphs
 
-    n = max(1, row_tokens // args.max_length)
-    enc = D.to_device(D.collate_packed([[pad_id] * args.max_length] * n), rt.device)
-    with explain_oom(f"a row of {n * args.max_length} tokens does not fit after the memory plan; {OOM_FIX}"):
-        with cuda_graphs.in_graph_pool(rt.device), R.autocast(rt.device, rt.amp_dtype):
+    was_training = model.training
+    model.train()
+    torch.cuda.synchronize(rt.device)
+    before = torch.cuda.memory_allocated(rt.device)
+    torch.cuda.reset_peak_memory_stats(rt.device)
+    try:
+        with cuda_graphs.in_graph_pool(rt.device) if pool else contextlib.nullcontext(), \
+                R.autocast(rt.device, rt.amp_dtype):
             model(**enc).float().sum().backward()
         torch.cuda.synchronize(rt.device)
-    model.zero_grad(set_to_none=True)
-    del enc
-    torch.cuda.empty_cache()
+        return before, torch.cuda.max_memory_allocated(rt.device)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def reserve_graph_pool(model, args, rt: R.Runtime, row_tokens: int, pad_id: int, budget: int) -> int:
+    """With training graphs on a card the wanted rows do not fit: one forward/backward of the widest row the plan
+    allows, on the graphs' stream with memory from their pool (lft/cuda_graphs.py), so the pool is sized once for
+    the largest row. Rows then reuse its blocks whatever order their widths come in, instead of adding segments as
+    wider rows appear (a 14 GiB cap ran out of memory that way on an H200). Its measured peak checks the plan: a
+    row that needs more than the budget less the headroom narrows the cap in proportion and runs again (at most
+    3 times), so a card too small for the plan stops here, in seconds, not steps later. Returns the cap."""
+    usable = budget * (1 - M.HEADROOM)
+    for _ in range(3):
+        n = max(1, row_tokens // args.max_length)
+        enc = D.to_device(D.collate_packed([[pad_id] * args.max_length] * n), rt.device)
+        with explain_oom(f"a row of {n * args.max_length} tokens does not fit after the memory plan; {OOM_FIX}"):
+            before, peak = _measured_step(model, enc, rt, pool=True)
+        del enc
+        torch.cuda.empty_cache()
+        if peak <= usable or row_tokens <= args.max_length:
+            return row_tokens
+        share = (usable - before) / max(peak - before, 1)  # activations scale with the row's tokens
+        narrower = max(args.max_length, int(row_tokens * share) // M.ROW_STEP * M.ROW_STEP)
+        dist.print0(f"note: memory: a row of {row_tokens:,} tokens peaked at {peak / M.GIB:.1f} GiB, over the "
+                    f"{usable / M.GIB:.1f} GiB the plan allows; training rows are capped at {narrower:,} tokens")
+        row_tokens = narrower
+    return row_tokens
 
 
 def plan_memory(probe, args, rt: R.Runtime, d) -> int:
@@ -427,7 +451,8 @@ class Trainer:
         probe = memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
         row_tokens = plan_memory(probe, args, rt, d)
         if rt.step_graphs and row_tokens < args.max_tokens_per_row:  # a card the wanted rows do not fit
-            reserve_graph_pool(model, args, rt, row_tokens, tokenizer.pad_token_id)
+            row_tokens = min(dist.gather_objects(reserve_graph_pool(  # every process splits its rows alike
+                model, args, rt, row_tokens, tokenizer.pad_token_id, M.budget(rt.device)), d))
         times["compile"], t = time.perf_counter() - t, time.perf_counter()
         outdir.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)
         tokenize_data(splits, tokenizer, args, d)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call: set up the carried wheels, then run the named phases, each under its own time limit, with
 # every log under $OUT. Usage: bash bench/gpu_session.sh PHASE[:SECONDS] ...
-#   tests     pytest -m gpu (tests/test_gpu.py, tests/test_quantize.py)
+#   tests     pytest -m gpu (tests/test_gpu.py, tests/test_quantize.py; TEST_FLAGS: other test ids instead)
 #   predict   bench/bench_predict.py          serve   bench/bench_serve.py
 #   quant     bench/bench_quant.py (QUANT_ONLY selects variants)
 #   train     bench/bench_gpu.py default rows (--skip ref --quick)
 #   memory    bench/bench_memory.py (capped-memory runs of the original recipe; MEMORY_FLAGS adds flags)
+#   compile   bench/bench_compile.py (where compile time goes; COMPILE_VARIANTS selects variants)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -17,12 +18,13 @@ for spec in "$@"; do
   phase=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
   echo "=== $phase (limit ${limit} s) $(date +%T)"
   case $phase in
-    tests)   cmd=(python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_quantize.py -p no:cacheprovider ${TEST_FLAGS:-}) ;;
+    tests)   cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider ${TEST_FLAGS:-tests/test_gpu.py tests/test_quantize.py}) ;;
     predict) cmd=(python3 bench/bench_predict.py --out "$OUT/predict") ;;
     serve)   cmd=(python3 bench/bench_serve.py --out "$OUT/serve") ;;
     quant)   cmd=(python3 bench/bench_quant.py --out "$OUT/quant" --only "${QUANT_ONLY:-}") ;;
     train)   cmd=(python3 bench/bench_gpu.py --skip ref --quick --out "$OUT/train") ;;
     memory)  cmd=(python3 bench/bench_memory.py --out "$OUT/memory" ${MEMORY_FLAGS:-}) ;;
+    compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}") ;;
     *) echo "unknown phase $phase"; continue ;;
   esac
   timeout -k 10 "$limit" "${cmd[@]}" > "$OUT/$phase.log" 2>&1

@@ -6,6 +6,7 @@ Marked `gpu`: skipped without CUDA; run on a GPU machine with `python -m pytest 
 Where the result is exact, the assertion is exact.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -168,3 +169,34 @@ def test_tensor_checksums_on_the_device_are_bit_identical_to_the_recorded_recipe
         want = reference_checksums(backbone, chunk)
         got = base.tensor_checksums(backbone, tiny_ckpt)
         assert list(got) == list(want) and got == want
+
+
+def test_a_row_that_peaks_over_the_plan_narrows_the_cap_before_training(tiny_ckpt, demo_data, tmp_path,
+                                                                         monkeypatch, capsys):
+    """The plan allows rows of 256 tokens, but the budget (from the probe's own numbers) has room for ~150: the
+    widest row, run in the graph pool before training, peaks over it, so the cap narrows to 128 and the run
+    completes (a 14 GiB cap ran out of memory steps after start-up in run 9: the probe's estimate was short)."""
+    from lft import memory
+
+    probes = []
+
+    def generous(probe, budget, want, max_length, eval_tokens=0, step=memory.ROW_STEP):
+        probes.append(probe)
+        return memory.Plan(256, 0, budget, "memory: rows capped at 256 tokens (test)")
+
+    def budget(device):
+        if not probes:
+            return real_budget(device)
+        p = probes[0]
+        return int((p.before + p.per_token * 150) / (1 - memory.HEADROOM))
+
+    real_budget = memory.budget
+    monkeypatch.setattr(memory, "plan_rows", generous)
+    monkeypatch.setattr(memory, "budget", budget)
+    out = tmp_path / "narrowed"
+    assert run(tiny_ckpt, demo_data, out, "--num_epochs", 1, "--eval_steps", 27) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"a row of 256 tokens peaked at [\d.]+ GiB, over the [\d.]+ GiB the plan allows; training "
+                     r"rows are capped at 128 tokens", printed), printed
+    losses, _ = log(out)
+    assert len(losses) == 27 and all(x == x for x in losses)

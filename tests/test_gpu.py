@@ -174,7 +174,7 @@ def test_tensor_checksums_on_the_device_are_bit_identical_to_the_recorded_recipe
 def test_a_row_that_peaks_over_the_plan_narrows_the_cap_before_training(tiny_ckpt, demo_data, tmp_path,
                                                                          monkeypatch, capsys):
     """The plan allows rows of 256 tokens, but the budget (from the probe's own numbers) has room for ~150: the
-    widest row, run in the graph pool before training, peaks over it, so the cap narrows to 128 and the run
+    widest row, run in the graph pool before training, peaks over it, so the cap narrows and the run
     completes (a 14 GiB cap ran out of memory steps after start-up in run 9: the probe's estimate was short)."""
     from lft import memory
 
@@ -196,7 +196,9 @@ def test_a_row_that_peaks_over_the_plan_narrows_the_cap_before_training(tiny_ckp
     out = tmp_path / "narrowed"
     assert run(tiny_ckpt, demo_data, out, "--num_epochs", 1, "--eval_steps", 27) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"a row of 256 tokens peaked at [\d.]+ GiB, over the [\d.]+ GiB the plan allows; training "
-                     r"rows are capped at 128 tokens", printed), printed
+    m = re.search(r"a row of 256 tokens peaked at [\d.]+ GiB, over the [\d.]+ GiB the plan allows; training "
+                  r"rows are capped at (\d+) tokens", printed)
+    assert m and 64 <= int(m[1]) < 256, printed  # narrower, and never under one text of max_length (64)
+    assert f"rows of <= {m[1]} tokens" in printed  # the banner shows the narrowed cap
     losses, _ = log(out)
     assert len(losses) == 27 and all(x == x for x in losses)

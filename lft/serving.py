@@ -344,7 +344,11 @@ class Front:
         self._next += 1
         key, fut = self._next, self.loop.create_future()
         self._pending[key] = fut
-        self.conn.send(("job", key, ids))
+        try:
+            self.conn.send(("job", key, ids))
+        except OSError:  # the model process is gone (this worker is about to exit)
+            self._pending.pop(key, None)
+            raise ApiError(503, "the model process stopped") from None
         try:
             return await fut
         except asyncio.CancelledError:  # the client went away: its texts need not run

@@ -15,6 +15,7 @@ which it sends them as JSON when the model is ready (until then /health answers 
 processes meet in prometheus_client's multiprocess directory; /metrics on any worker shows the sum.
 """
 import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -353,7 +354,8 @@ class Front:
             return await fut
         except asyncio.CancelledError:  # the client went away: its texts need not run
             if self._pending.pop(key, None) is not None:
-                self.conn.send(("cancel", key))
+                with contextlib.suppress(OSError):
+                    self.conn.send(("cancel", key))
             raise
 
     def start_drain(self) -> None:

@@ -23,20 +23,64 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gpu import build_checkpoint_folder, script_data  # noqa: E402
 
-CAPPED = """import sys, torch, runpy
+CAPPED = """import os, sys, torch, runpy
 cap = float(sys.argv[1])
 if cap > 0:
     torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+if os.environ.get("LFT_OOM_SUMMARY"):
+    sys.path.insert(0, "bench")
+    import bench_memory
+    bench_memory.summarise_on_oom()
 sys.argv = ["train_lora.py"] + sys.argv[2:]
 runpy.run_path("train_lora.py", run_name="__main__")
 """
 
 
+def summarise_on_oom() -> None:
+    """In a training run: record allocation stacks, and at an out-of-memory error print to stderr what holds the
+    memory at that moment: allocated bytes by pool (the CUDA graphs' private pool or the default one) and by the
+    innermost frame of this project's code that allocated them (top 15)."""
+    import collections
+    import torch
+
+    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+
+    def observer(device, alloc, device_alloc, device_free):
+        try:
+            summarise(alloc)
+        except Exception as e:  # a diagnostic must not hide the error it diagnoses
+            print(f"OOM SUMMARY failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def summarise(alloc):
+        snap = torch.cuda.memory._snapshot()
+        by_pool, by_site = collections.Counter(), collections.Counter()
+        for seg in snap["segments"]:
+            pool = "graph pool" if seg.get("segment_pool_id", (0, 0)) != (0, 0) else "default pool"
+            for b in seg["blocks"]:
+                if b["state"] != "active_allocated":
+                    by_pool[pool + " (free)"] += b["size"]
+                    continue
+                by_pool[pool] += b["size"]
+                frames = b.get("frames") or []
+                ours = [f for f in frames if any(k in f["filename"] for k in ("train_lora", "lft/", "qwen3_class"))]
+                f = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+                by_site[f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}"] += b["size"]
+        print(f"OOM SUMMARY: tried to allocate {alloc / 2**20:.0f} MiB", file=sys.stderr)
+        for k, v in by_pool.most_common():
+            print(f"OOM SUMMARY pool: {k}: {v / 2**30:.2f} GiB", file=sys.stderr)
+        for k, v in by_site.most_common(15):
+            print(f"OOM SUMMARY site: {v / 2**30:.2f} GiB  {k}", file=sys.stderr)
+        sys.stderr.flush()
+    torch._C._cuda_attach_out_of_memory_observer(observer)
+
+
 def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Path, flags: list[str],
-            torch_logs: str = "", log: Path | None = None) -> dict:
+            torch_logs: str = "", log: Path | None = None, oom_summary: bool = False) -> dict:
     out = work / f"mem_{name}"
     t = time.perf_counter()
-    env = dict(os.environ, TORCH_LOGS=torch_logs) if torch_logs else None
+    env = dict(os.environ, TORCH_LOGS=torch_logs) if torch_logs else dict(os.environ)
+    if oom_summary:
+        env["LFT_OOM_SUMMARY"] = "1"
     r = subprocess.run([sys.executable, "-c", CAPPED, str(cap), "--checkpoint", str(ckpt), "--train_data", str(train),
                         "--val_data", str(val), "--output_dir", str(out), "--num_epochs", "1", "--no_progress",
                         "--logging_steps", "20", "--eval_steps", "100000", "--batch_size", "18",
@@ -58,7 +102,8 @@ def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Pat
            "wall_s": round(wall, 1), "tokens_s": mid.get("tokens_per_s"), "ready": ready, "plan": plan,
            "peak_alloc_gib": max((x.get("peak_alloc_gib", 0) for x in steps), default=None),
            "peak_reserved_gib": max((x.get("peak_reserved_gib", 0) for x in steps), default=None),
-           "error": (r.stderr.strip().splitlines() or [""])[-1][:300] if r.returncode else ""}
+           "error": next((x for x in reversed(r.stderr.splitlines()) if x.startswith("error")),
+                         (r.stderr.strip().splitlines() or [""])[-1])[:400] if r.returncode else ""}
     print(json.dumps(row, ensure_ascii=False), flush=True)
     return row
 
@@ -72,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--small_jobs", action="store_true", help="also time test_saved_lora.py on 3,000 texts")
     p.add_argument("--torch_logs", default="", help="TORCH_LOGS for the training runs (e.g. dynamo,recompiles); "
                    "every run's stderr goes to --out/runs_stderr.txt")
+    p.add_argument("--oom_summary", action="store_true", help="capped runs record allocation stacks and, on an "
+                   "out-of-memory error, print what holds the memory (runs_stderr.txt)")
     p.add_argument("--workdir", default="/tmp/lft_bench")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
@@ -89,7 +136,8 @@ def main(argv=None) -> int:
     rows = []
     for cap in args.caps.split(","):
         c = 0.0 if cap == "none" else float(cap)
-        rows.append(one_run(f"defaults_cap{cap}", c, ckpt, train, val, work, [], args.torch_logs, log))
+        rows.append(one_run(f"defaults_cap{cap}", c, ckpt, train, val, work, [], args.torch_logs, log,
+                            args.oom_summary))
         (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
     for flag, extra in (("fp16", ["--fp16"]), ("eager", ["--compile", "off"])):
         if getattr(args, flag):

@@ -117,11 +117,68 @@ def time_api(model: Path, ckpt: Path, device: str, calls: int, warmup: int = 20)
             "precision": clf.runtime.precision}
 
 
+def profile(model: Path, ckpt: Path, data: Path, n: int, out: Path, device: str) -> dict:
+    """Where predict.py's model time goes, in this process, on the first `n` texts of the csv tokenised up
+    front: Classifier.proba_of_ids in chunks of predict.py's size (first pass: new row shapes run eagerly once
+    and are captured on their second use; then again, every shape captured), in one call over all texts, in
+    chunks with rows of twice the tokens, and in chunks while a second thread tokenises the same texts (the GIL
+    shared as in predict.py). Real tokens/s of each, printed as a table."""
+    import threading
+
+    import pandas as pd
+
+    from lft.predict import Classifier
+
+    texts = pd.read_csv(data, nrows=n)["text_cn"].astype(str).tolist()
+    rows = {}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(name, clf, ids, chunk):
+        sync()
+        t = time.perf_counter()
+        for k in range(0, len(ids), chunk):
+            clf.proba_of_ids(ids[k:k + chunk])
+        sync()
+        rows[name] = sum(map(len, ids)) / (time.perf_counter() - t)
+        print(f"{name}: {rows[name]:,.0f} tokens/s", flush=True)
+    for max_tokens in (None, 32768):
+        clf = Classifier.load(model, checkpoint=ckpt, device=device, max_tokens=max_tokens)
+        ids = clf.encode(texts)
+        if max_tokens is None:
+            timed("chunks of 8,192, first pass (compile, eager first uses, captures)", clf, ids, 8192)
+            timed("chunks of 8,192, again", clf, ids, 8192)
+            timed("one call over all texts", clf, ids, len(ids))
+            stop = threading.Event()
+
+            def tokenise():
+                while not stop.is_set():
+                    clf.encode(texts[:8192])
+            th = threading.Thread(target=tokenise, daemon=True)
+            th.start()
+            timed("chunks of 8,192 while a thread tokenises", clf, ids, 8192)
+            stop.set()
+            th.join()
+        else:
+            clf.proba_of_ids(ids[:8192])
+            timed("chunks of 8,192, rows of 32,768 tokens (after one warm chunk)", clf, ids, 8192)
+        clf = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print("\n| pass | real tokens/s |\n|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v / 1e3:,.1f}k |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_predict_profile.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny checkpoint, 2,000 texts, 50 calls")
     p.add_argument("--texts", type=int, default=None, help="texts in the csv (default: 100,000; --quick 2,000)")
     p.add_argument("--calls", type=int, default=None, help="API calls timed (default: 200; --quick 50)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="instead: where the model time goes, on the "
+                   "first N texts, in this process (see profile())")
     p.add_argument("--workdir", default="/tmp/lft_bench", help="checkpoint, adapter and data go here")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where bench_predict.json goes")
     args, extra = p.parse_known_args(argv)  # the rest goes to predict.py (e.g. --max_tokens 8192)
@@ -138,6 +195,9 @@ def main(argv=None) -> int:
         ckpt = build_checkpoint_folder(Path(args.workdir) / "qwen3-1.7b-shaped")
     model = random_adapter(ckpt, work / "random_adapter")
     data = write_texts(work, ckpt, n)
+    if args.profile:
+        profile(model, ckpt, data, args.profile, Path(args.out), device)
+        return 0
     script = time_script(model, ckpt, data, work / "predictions.csv", device, extra)
     api = time_api(model, ckpt, device, calls)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"

@@ -3,6 +3,7 @@
 # every log under $OUT. Usage: bash bench/gpu_session.sh PHASE[:SECONDS] ...
 #   tests     pytest -m gpu (tests/test_gpu.py, tests/test_quantize.py; TEST_FLAGS: other test ids instead)
 #   predict   bench/bench_predict.py          serve   bench/bench_serve.py
+#   profile   bench/bench_predict.py --profile (where predict.py's model time goes; PROFILE_TEXTS texts)
 #   quant     bench/bench_quant.py (QUANT_ONLY selects variants)
 #   train     bench/bench_gpu.py default rows (--skip ref --quick)
 #   memory    bench/bench_memory.py (capped-memory runs of the original recipe; MEMORY_FLAGS adds flags)
@@ -20,6 +21,7 @@ for spec in "$@"; do
   case $phase in
     tests)   cmd=(python3 -m pytest -q -m gpu -p no:cacheprovider ${TEST_FLAGS:-tests/test_gpu.py tests/test_quantize.py}) ;;
     predict) cmd=(python3 bench/bench_predict.py --out "$OUT/predict") ;;
+    profile) cmd=(python3 bench/bench_predict.py --texts "${PROFILE_TEXTS:-24000}" --profile "${PROFILE_TEXTS:-24000}" --out "$OUT/profile") ;;
     serve)   cmd=(python3 bench/bench_serve.py --out "$OUT/serve") ;;
     quant)   cmd=(python3 bench/bench_quant.py --out "$OUT/quant" --only "${QUANT_ONLY:-}") ;;
     train)   cmd=(python3 bench/bench_gpu.py --skip ref --quick --out "$OUT/train") ;;

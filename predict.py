@@ -216,8 +216,6 @@ def load_classifier(args, out):
     t = time.perf_counter()
     clf = Classifier.load(args.lora_model, args.checkpoint, args=args, max_length=args.max_length,
                           max_tokens=args.max_tokens, quantize=args.quantize)
-    for line in check_quantize(args, clf.runtime.device, [], tokens_per_row=clf.max_tokens):
-        print(f"warning: {line}", file=out)
     print(f"model {redact(args.lora_model)} ({len(clf.labels)} labels, fingerprint {clf.identity}, "
           f"{clf.runtime.precision}, quantize {args.quantize}, max_length {clf.max_length}, "
           f"{clf.max_tokens} tokens/row) loaded in "

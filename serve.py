@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append(f"--api_key_env {args.api_key_env}: that environment variable is not set or empty "
                         f"(export {args.api_key_env}=<key>; the key never goes on the command line)")
     R.check_runtime_args(args, problems)
-    check_quantize(args, args.device, problems, tokens_per_row=args.max_batch_tokens)
+    check_quantize(args, args.device, problems)
     if problems:
         raise UserError("; ".join(problems))
     return args

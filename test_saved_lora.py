@@ -85,8 +85,6 @@ def run(args, d) -> int:
                                                      d.device)
     quantize_model(model, args.quantize, rt)  # on the device, before compiling
     max_length = args.max_length or meta["max_length"]
-    for line in check_quantize(args, d.device, [], tokens_per_row=args.batch_size * max_length):
-        dist.print0(f"warning: {line}")
     D.tokenize_split(split, tokenizer, max_length, show=d.main and not args.no_progress)
     for line in split.notes:
         dist.print0(f"warning: {line}")

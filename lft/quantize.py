@@ -15,11 +15,12 @@ The modes:
   fp8   float8 e4m3 weights and dynamically quantised activations, row-wise scales (one per output channel and
         one per token), fp8 tensor-core matmuls: the speed option on GPUs with fp8 (compute capability >= 8.9:
         Ada, Hopper, Blackwell). Needs bf16 weights. Pays with torch.compile fusing the activation quantisation.
-  int8  int8 weights, row-wise scales: the memory option (base weights at half of bf16). On a GPU weight-only
-        (int8 weights cast up per matmul), made for small serving batches; over large evaluation rows it is
-        slower than bf16, so that case warns. On CPU int8 weights and dynamically quantised int8 activations
-        (int8 matmuls; a Qwen3-1.7B MLP on one core: 1.3x fp32 at 512 tokens, slower for a few tokens, where the
-        per-token quantisation costs more than it saves; weight-only was slower than fp32 at every size).
+  int8  CPU only: int8 weights and dynamically quantised int8 activations, row-wise scales (int8 matmuls; base
+        weights at a quarter of fp32; a Qwen3-1.7B MLP on one core: 1.3x fp32 at 512 tokens, slower for a few
+        tokens, where the per-token quantisation costs more than it saves; weight-only was slower than fp32 at
+        every size). Refused on a GPU: torchao 0.18's int8 weight-only ran a whole 1.7B-shaped model on an H200
+        at 0.3k tokens/s against bf16's 153k, one text in 410 ms against 4.5 ms, with 0.71x bf16's peak
+        memory (bench/RESULTS.md run 11); fp8 is the GPU option.
 """
 from __future__ import annotations
 
@@ -32,9 +33,6 @@ torch = lazy_import("torch")  # loaded on first use: scripts declare --quantize 
 QUANTIZE_CHOICES = ("none", "int8", "fp8")
 TORCHAO_VERSION = "0.18.0"  # pinned in requirements-dev.txt; works with torch 2.11 (CUDA) and 2.13 (CPU)
 FP8_MIN_CAPABILITY = (8, 9)
-# int8 weight-only on a GPU: above this many tokens per forward it is slower than bf16 (on an H200 an MLP of
-# Qwen3-1.7B at 9,216 tokens took 850x as long). Provisional until bench/bench_quant.py fills bench/RESULTS.md.
-INT8_GPU_MAX_TOKENS = 1024
 # the base projections of a decoder layer, plain (merged folder) or inside a peft LoRA layer (".base_layer")
 BASE_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
                          r"(?:\.base_layer)?$")
@@ -43,7 +41,7 @@ BASE_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(
 def add_quantize_arg(p) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                    help="quantise the base model's projections for inference (torchao): fp8 for speed on GPUs "
-                        "with fp8 (compute capability >= 8.9), int8 for memory; LoRA and head stay float")
+                        "with fp8 (compute capability >= 8.9), int8 on CPU; LoRA and head stay float")
 
 
 def _gpu(device) -> torch.device | None:
@@ -55,15 +53,15 @@ def _gpu(device) -> torch.device | None:
         else torch.device("cuda", torch.cuda.current_device())
 
 
-def check_quantize(args, device, problems: list[str], tokens_per_row: int | None = None) -> list[str]:
-    """Append every problem with --quantize to `problems`; return warnings (lines without 'warning: ').
-    `args`: the parsed namespace (reads .quantize and the precision flags) or the mode itself."""
+def check_quantize(args, device, problems: list[str]) -> None:
+    """Append every problem with --quantize to `problems`. `args`: the parsed namespace (reads .quantize and the
+    precision flags) or the mode itself."""
     mode = args if isinstance(args, str) else getattr(args, "quantize", "none")
     if mode not in QUANTIZE_CHOICES:
         problems.append(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {mode!r}")
-        return []
+        return
     if mode == "none":
-        return []
+        return
     import importlib.util
 
     if importlib.util.find_spec("torchao") is None:
@@ -79,10 +77,11 @@ def check_quantize(args, device, problems: list[str], tokens_per_row: int | None
                             "fp8 matmuls need >= 8.9 (Ada, Hopper or newer); use --quantize int8 or none")
         if not isinstance(args, str) and (getattr(args, "fp16", False) or getattr(args, "fp32", False)):
             problems.append("--quantize fp8 needs bf16 base weights; drop --fp16/--fp32")
-    if mode == "int8" and gpu is not None and tokens_per_row and tokens_per_row > INT8_GPU_MAX_TOKENS:
-        return [f"--quantize int8 on a GPU saves memory, not time: with up to {tokens_per_row} tokens per row "
-                f"it is slower than bf16 (made for small serving batches; fp8 is the speed option)"]
-    return []
+    if mode == "int8" and gpu is not None:
+        problems.append("--quantize int8 is the CPU option: on a GPU it was slower than bf16 at every batch size "
+                        "measured (H200, torchao 0.18 int8 weight-only: one text 410 ms against 4.5 ms) and its "
+                        "peak memory 0.71x bf16's (bench/RESULTS.md run 11); use --quantize fp8 for speed (compute "
+                        "capability >= 8.9) or none")
 
 
 def import_torchao():
@@ -104,10 +103,8 @@ def config_for(mode: str, device, granularity: str = "row"):
     gran = tq.PerRow() if granularity == "row" else tq.PerTensor()
     if mode == "fp8":
         return tq.Float8DynamicActivationFloat8WeightConfig(granularity=gran, set_inductor_config=False)
-    if mode == "int8" and _gpu(device) is None:
+    if mode == "int8":  # CPU (check_quantize refuses it on a GPU; the bench measures GPU int8 by raw configs)
         return tq.Int8DynamicActivationInt8WeightConfig(granularity=gran, set_inductor_config=False)
-    if mode == "int8":
-        return tq.Int8WeightOnlyConfig(granularity=gran, set_inductor_config=False)
     raise ValueError(f"no torchao config for --quantize {mode!r}")
 
 
@@ -163,5 +160,5 @@ def describe(mode: str, device) -> str:
     if mode == "none":
         return "not quantised"
     what = {"fp8": "fp8 weights + dynamic fp8 activations, row-wise scales",
-            "int8": "int8 weights + dynamic int8 activations" if _gpu(device) is None else "int8 weight-only"}[mode]
+            "int8": "int8 weights + dynamic int8 activations"}[mode]
     return f"quantised {mode} ({what}; base projections only, LoRA and head float)"

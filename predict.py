@@ -113,7 +113,7 @@ def check_args(args, p) -> None:
             problems.append(f"--{name} must be >= {2 if name == 'max_length' else 1}")
     R.check_runtime_args(args, problems)
     check_quantize(args, args.device, problems)
-    args.labels = None
+    args.labels = args.adapter_max_length = None
     if not Path(args.lora_model).is_dir():
         problems.append(f"--lora_model {args.lora_model}: not a folder")
     else:
@@ -121,7 +121,8 @@ def check_args(args, p) -> None:
         from lft.predict import parse_thresholds
 
         try:
-            args.labels = read_classifier_config(args.lora_model)["labels"]
+            config = read_classifier_config(args.lora_model)
+            args.labels, args.adapter_max_length = config["labels"], config["max_length"]
             args.thresholds = parse_thresholds(args.threshold, args.labels)
         except UserError as e:
             problems.append(str(e))
@@ -210,12 +211,15 @@ def progress(args, total, desc):
                 file=sys.stderr, dynamic_ncols=True)
 
 
-def load_classifier(args, out):
+def load_classifier(args, out, job_tokens: int | None = None):
+    """The classifier; `job_tokens` (files: from the scan) lets a small job skip compiling and CUDA graphs."""
     from lft.predict import Classifier
 
     t = time.perf_counter()
     clf = Classifier.load(args.lora_model, args.checkpoint, args=args, max_length=args.max_length,
-                          max_tokens=args.max_tokens, quantize=args.quantize)
+                          max_tokens=args.max_tokens, quantize=args.quantize, job_tokens=job_tokens)
+    if clf.note:
+        print(f"note: {clf.note}", file=out)
     print(f"model {redact(args.lora_model)} ({len(clf.labels)} labels, fingerprint {clf.identity}, "
           f"{clf.runtime.precision}, quantize {args.quantize}, max_length {clf.max_length}, "
           f"{clf.max_tokens} tokens/row) loaded in "
@@ -248,13 +252,13 @@ def run_files(args) -> int:
         raise UserError(f"{args.input}: already has column(s) {', '.join(clash)}, which the output adds; rename "
                         "them (or run on the original table)")
     if args.input != STDIO:  # the text column alone, before the model loads: every bad row at once
-        total, (n_bad, first) = src.scan(args.chunk_size)
+        total, (n_bad, first) = src.scan(args.chunk_size, cap=args.max_length or args.adapter_max_length)
         if total == 0:
             raise UserError(f"{args.input}: no data rows")
         if n_bad and not args.skip_bad_rows:
             raise UserError(f"{args.input}: empty or missing {args.text_column} in {n_bad} {src.unit}(s): "
                             f"{name_rows(first, n_bad)}; fill or delete them, or pass --skip_bad_rows")
-    clf = load_classifier(args, out)
+    clf = load_classifier(args, out, src.chars)  # stdin: size unknown (None), the fast path
     lab = Labeller(clf, args.thresholds)
     t0 = time.perf_counter()
     def read_and_tokenise():  # runs in a thread, a chunk or two ahead of the model

@@ -130,6 +130,7 @@ def pick_device(flag: str) -> torch.device:
 class Classifier:
     """A trained classifier, ready to label texts (see the module docstring)."""
     quantize = "none"  # lft.quantize mode the model was loaded with
+    note: str | None = None  # why compile / CUDA graphs are off for this job (Classifier.load's job_tokens)
 
     def __init__(self, model, tokenizer, meta: dict, runtime: Runtime, max_length: int | None = None,
                  max_tokens: int | None = None):
@@ -142,10 +143,14 @@ class Classifier:
 
     @classmethod
     def load(cls, model, checkpoint=None, device: str = "auto", precision: str = "auto", *, args=None,
-             max_length: int | None = None, max_tokens: int | None = None, quantize: str = "none") -> "Classifier":
+             max_length: int | None = None, max_tokens: int | None = None, quantize: str = "none",
+             job_tokens: int | None = None) -> "Classifier":
         """`model`: an adapter folder (its base: `checkpoint`, else the path the adapter recorded, checked by
         identity) or a merged folder. `args`: a parsed namespace of the runtime flags (scripts), instead of
-        device/precision. `quantize`: none|int8|fp8 (lft.quantize: the base projections, LoRA and head stay float)."""
+        device/precision. `quantize`: none|int8|fp8 (lft.quantize: the base projections, LoRA and head stay float).
+        `job_tokens`: the real tokens the caller will classify, when known: a job too small for compiling and CUDA
+        graphs to pay for themselves runs without them (lft.runtime.for_job, where their flags are 'auto'; the
+        line saying so is `clf.note`). Unknown (None): a long-lived classifier, which they pay for."""
         from . import adapter
         from . import runtime as R
         from .quantize import check_quantize, quantize_model
@@ -158,13 +163,16 @@ class Classifier:
         if problems:
             raise UserError("; ".join(problems))
         rt = R.resolve(args, dev, world=1, training=False)
+        note = None
+        if job_tokens is not None:
+            rt, note = R.for_job(rt, args, job_tokens, "evaluation")
         net, tok, meta = adapter.load_classifier(checkpoint, model, rt.weight_dtype, rt.attn, dev)
         meta = {**meta, "fingerprint": adapter.fingerprint(model)}
         quantize_model(net, quantize, rt)  # on the device (fp8 needs it), before compiling fuses around it
         if rt.compile:
             qcd.compile_decoder_layers(net)
         clf = cls(net, tok, meta, rt, max_length, max_tokens)
-        clf.quantize = quantize
+        clf.quantize, clf.note = quantize, note
         return clf
 
     def encode(self, texts: list[str]) -> list[list[int]]:

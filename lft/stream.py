@@ -66,14 +66,18 @@ class Source:
         self.path, self.text_column = path, text_column
         self.columns: list[str] = []
         self.total: int | None = None  # known after scan() (parquet, xlsx: at once)
+        self.chars: int | None = None  # known after scan()
 
     @property
     def fmt(self) -> str:
         return ".jsonl" if self.path == STDIO else table_format(self.path)
 
-    def scan(self, size: int) -> tuple[int, tuple[int, list[int]]]:
-        """(rows, (bad texts, the first bad row numbers)) from the text column alone."""
-        n, bad, first = 0, 0, []
+    def scan(self, size: int, cap: int | None = None) -> tuple[int, tuple[int, list[int]]]:
+        """(rows, (bad texts, the first bad row numbers)) from the text column alone. Also sets `chars`: the
+        characters of the texts, each counted up to `cap` (about the tokens the model will read: a Chinese
+        character is about one Qwen3 token)."""
+        n, bad, first, chars = 0, 0, [], 0
+        cap = cap or 1 << 62
         for rows, texts in self._texts(size):
             n += len(rows)
             for r, t in zip(rows, texts):
@@ -81,7 +85,9 @@ class Source:
                     bad += 1
                     if len(first) < SHOW_ROWS:
                         first.append(r)
-        self.total = n
+                else:
+                    chars += min(len(t), cap)
+        self.total, self.chars = n, chars
         return n, (bad, first)
 
     def _texts(self, size):

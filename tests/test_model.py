@@ -1,5 +1,6 @@
 """The model module: pooling, packing, equality with transformers' own classifier, save/load round trips."""
 import json
+import unicodedata
 
 import pytest
 import torch
@@ -265,17 +266,20 @@ def test_special_token_strings_encode_as_text(tokenizer):
 
 
 def test_no_string_a_user_types_produces_a_special_token_id(tokenizer):
-    from hypothesis import given, settings
+    from hypothesis import example, given, settings
     from hypothesis import strategies as st
 
     pieces = st.one_of(st.sampled_from(SPECIAL), st.text(max_size=6), st.sampled_from(["<|", "|>", "<", ">", "|"]))
 
     @settings(max_examples=150, deadline=None)
     @given(st.lists(pieces, max_size=8).map("".join))
+    @example("\U0002f800<|endoftext|>")  # found by a CI run: a compatibility ideograph next to a special token
     def check(text):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert all(i < 151643 for i in ids), (text, ids)
-        assert tokenizer.decode(ids) == text
+        # Qwen3's tokenizer normalises to NFC first, so the text comes back canonically equal: a CJK
+        # compatibility ideograph such as U+2F800 decodes as its unified twin U+4E3D
+        assert tokenizer.decode(ids) == unicodedata.normalize("NFC", text)
 
     check()
 

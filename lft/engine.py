@@ -192,7 +192,7 @@ class Engine:
     """The model process: the classifier, the batcher, the workers."""
 
     def __init__(self, settings, metrics, workers: list[Worker], t_start: float, url: str):
-        self.s, self.m, self.workers, self.t_start, self.url = settings, metrics, workers, t_start, url
+        self.s, self.workers, self.t_start, self.url = settings, workers, t_start, url
         self.batcher = Batcher(settings.max_batch_tokens, settings.max_wait_ms / 1000, metrics)
         self.state = "loading"  # -> ready -> draining; or failed
         self.exit_code = 0
@@ -291,7 +291,7 @@ def run(settings, labels: list[str], thresholds: dict[int, float], static_info: 
         for k in range(settings.http_workers):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=serving.worker_main, name=f"lft-http-{k}",
-                            args=(k, sock, child, settings, list(labels), thresholds, url))
+                            args=(sock, child, settings, list(labels), thresholds))
             p.start()
             child.close()
             workers.append(Worker(k, p, parent))

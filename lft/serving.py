@@ -1,6 +1,6 @@
 """serve.py's HTTP worker processes: request checks, tokenising, the two wire formats, metrics, drain.
 
-    worker_main(index, sock, conn, settings, labels, thresholds, url)   # a process lft/engine.py starts
+    worker_main(sock, conn, settings, labels, thresholds)   # a process lft/engine.py starts
 
 Each worker runs uvicorn (uvloop, httptools) with the FastAPI app on the socket the model process bound;
 the kernel hands each new connection to one of them. A request is read, checked and tokenised here, then
@@ -53,6 +53,7 @@ class Settings:
     tokenizer_threads: int = 2  # per worker
     http_workers: int = 1
     api_key: str | None = field(default=None, repr=False)
+
 
 # --- errors ------------------------------------------------------------------------------------------------
 
@@ -181,6 +182,7 @@ def parse_classify(body, s: Settings) -> tuple[list[str], bool]:
         raise ApiError(400 if e.status == 422 else e.status, e.message) from None
     return texts, single
 
+
 class Encoder:
     """The model's tokenizer in a worker: the `tokenizers` backend that qwen3_classification_direct.load_tokenizer
     made in the model process (every added token special, special tokens split: no string a user types becomes
@@ -216,6 +218,7 @@ class Encoder:
                                         f"{self.max_length}")
         return self.cut(ids)
 
+
 # --- output shapes ----------------------------------------------------------------------------------------
 
 def tei_scores(p: np.ndarray, chosen: int, labels: list[str], raw_scores: bool) -> list[dict]:
@@ -234,6 +237,7 @@ def vllm_response(P: np.ndarray, chosen: np.ndarray, labels: list[str], model: s
                       "num_classes": len(labels)} for i, (p, k) in enumerate(zip(P, chosen))],
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens, "completion_tokens": 0,
                       "prompt_tokens_details": None}}
+
 
 # --- metrics ----------------------------------------------------------------------------------------------
 
@@ -366,6 +370,7 @@ class Front:
     def drained(self) -> bool:
         return self.state == "failed" or \
             self.state == "draining" and (self.in_flight == 0 or time.monotonic() > self.drain_deadline)
+
 
 def check_api_key(request, api_key: str | None) -> None:
     """401 unless the request carries `Authorization: Bearer <api_key>` (compared in constant time)."""
@@ -513,14 +518,12 @@ class MetricsMiddleware:
             self.m.latency.labels(route).observe(time.perf_counter() - t)
 
 
-
 # --- a worker process -------------------------------------------------------------------------------------
 
 INLINE_TOKENISE_CHARS = 2000  # requests up to this many characters are tokenised on the event loop (~0.1 ms)
 
 
-def worker_main(index: int, sock, conn, settings: Settings, labels: list[str], thresholds: dict[int, float],
-                url: str) -> None:
+def worker_main(sock, conn, settings: Settings, labels: list[str], thresholds: dict[int, float]) -> None:
     """An HTTP worker process (lft/engine.py starts it): uvicorn on `sock` until drained or the model process
     stops. Ctrl-C is the model process's to act on (it tells every worker to drain); SIGTERM sent to a worker
     alone drains that worker, and the model process then drains the rest."""

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from .data import TRAIN_ROW_STEP as ROW_STEP  # training rows come in widths of this many tokens
+
 GIB = 2 ** 30
 HEADROOM = 0.15  # of the budget: allocator slack (reserved 13.6 GiB for 12.7 allocated uncapped on an H200),
 # cuBLAS/flash workspaces, the eager backward's temporaries; 0.10 ran out of memory under a 14 GiB cap
 EVAL_SHARE = 0.25  # an evaluation row (no gradients) needs about this share of a training row's memory per token
-ROW_STEP = 128  # training rows come in widths of this many tokens (lft.data.TRAIN_ROW_STEP)
 
 
 @dataclasses.dataclass(frozen=True)

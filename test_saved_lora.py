@@ -94,7 +94,7 @@ def run(args, d) -> int:
     if rt.compile:
         qcd.compile_decoder_layers(model)
     dist.print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {rt.precision}, "
-                f"{describe(args.quantize, d.device)}); "
+                f"{describe(args.quantize)}); "
                 f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 
     predictor = predict.Predictor(model, rt, tokenizer.pad_token_id, max_length)

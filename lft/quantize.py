@@ -94,9 +94,9 @@ def import_torchao():
     return tq
 
 
-def config_for(mode: str, device, granularity: str = "row"):
-    """The torchao config of a mode on a device (see the module docstring). `granularity` of fp8 scales: 'row'
-    (one per output channel and per token) or 'tensor' (one per matrix): the bench compares both.
+def config_for(mode: str, granularity: str = "row"):
+    """The torchao config of a mode (see the module docstring; int8 is CPU-only). `granularity` of fp8 scales:
+    'row' (one per output channel and per token) or 'tensor' (one per matrix): the bench compares both.
     set_inductor_config=False: torchao's otherwise switches on process-wide inductor autotuning, which costs
     compile time for every later compile in the process."""
     tq = import_torchao()
@@ -147,7 +147,7 @@ def quantize_model(model: "torch.nn.Module", mode: str, runtime, *, merge: bool 
         raise UserError("; ".join(problems))
     if merge and hasattr(model.backbone, "merge_and_unload"):
         model.backbone = model.backbone.merge_and_unload()
-    names = quantize_with(model, config_for(mode, runtime.device, granularity))
+    names = quantize_with(model, config_for(mode, granularity))
     if not names:
         raise UserError(f"--quantize {mode}: the model has no decoder projections to quantise")
     if runtime.device.type == "cuda":
@@ -155,7 +155,7 @@ def quantize_model(model: "torch.nn.Module", mode: str, runtime, *, merge: bool 
     return names
 
 
-def describe(mode: str, device) -> str:
+def describe(mode: str) -> str:
     """One phrase for the model line of a script."""
     if mode == "none":
         return "not quantised"

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         max_texts_per_request=args.max_texts_per_request, max_chars_per_text=args.max_chars_per_text,
         max_body_bytes=args.max_body_bytes, max_concurrent_requests=args.max_concurrent_requests,
         drain_timeout_s=args.drain_timeout, tokenizer_threads=args.tokenizer_threads,
-        http_workers=args.http_workers or min(4, max(1, (os.cpu_count() or 1) // 4)), api_key=os.environ[args.api_key_env] if args.api_key_env else None)
+        http_workers=args.http_workers or min(4, max(1, (os.cpu_count() or 1) // 4)),
+        api_key=os.environ[args.api_key_env] if args.api_key_env else None)
     sock = serving.bind(args.host, args.port)
 
     def load():

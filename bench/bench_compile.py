@@ -94,8 +94,8 @@ def child(variant: str) -> dict:
 def run_all(variants, cache_root: Path, label: str) -> list[dict]:
     procs = []
     for v in variants:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_root / v), TRITON_CACHE_DIR=str(cache_root / v / "triton"),
-                   TORCHINDUCTOR_COMPILE_THREADS="4")
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_root / v),
+                   TRITON_CACHE_DIR=str(cache_root / v / "triton"), TORCHINDUCTOR_COMPILE_THREADS="4")
         procs.append((v, subprocess.Popen([sys.executable, __file__, "--child", v], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True, env=env)))
     rows = []

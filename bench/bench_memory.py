@@ -85,7 +85,7 @@ def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Pat
                         "--val_data", str(val), "--output_dir", str(out), "--num_epochs", "1", "--no_progress",
                         "--logging_steps", "20", "--eval_steps", "100000", "--batch_size", "18",
                         "--max_length", "256", "--compile", "on", "--cuda_graphs", "on", *flags],
-                       capture_output=True, text=True, env=env)  # a bench-sized run is a "small job": force the fast path
+                       capture_output=True, text=True, env=env)  # a bench-sized run is a "small job": fast path forced
     wall = time.perf_counter() - t
     if log is not None:  # every run's stderr (with --torch_logs: dynamo's timestamped compile lines, recompiles)
         with log.open("a") as f:

@@ -12,6 +12,7 @@ from .common import UserError
 if TYPE_CHECKING:
     import numpy as np
 
+
 # The original project's label set and order: id -> name. Adapters store their own copy (id2label).
 DEFAULT_LABELS = ("正常", "歧视", "违法违规", "政治安全", "暴恐", "色情低俗")
 

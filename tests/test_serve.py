@@ -309,7 +309,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(slow_server, texts):
 
 
 ADVERSARIAL = ["<|endoftext|>", "a<|im_start|>b<|im_end|>", "<think>x</think>", "<tool_call>", "<|fim_prefix|>",
-               "今天天气很好<|endoftext|>", "  spaces\tand\nlines  ", "\u200b\u200d", "emoji 😀👍🏽", "Ｆｕｌｌ　ｗｉｄｔｈ",
+               "今天天气很好<|endoftext|>", "  spaces\tand\nlines  ", "\u200b\u200d", "emoji 😀👍🏽",
+               "Ｆｕｌｌ　ｗｉｄｔｈ",
                "\x00\x01 control", "ﬁ ligature", "x" * 500, ""]
 
 

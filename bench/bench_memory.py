@@ -102,8 +102,7 @@ def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Pat
            "wall_s": round(wall, 1), "tokens_s": mid.get("tokens_per_s"), "ready": ready, "plan": plan,
            "peak_alloc_gib": max((x.get("peak_alloc_gib", 0) for x in steps), default=None),
            "peak_reserved_gib": max((x.get("peak_reserved_gib", 0) for x in steps), default=None),
-           "error": next((x for x in reversed(r.stderr.splitlines()) if x.startswith("error")),
-                         (r.stderr.strip().splitlines() or [""])[-1])[:400] if r.returncode else ""}
+           "error": error_line(r.stderr) if r.returncode else ""}
     print(json.dumps(row, ensure_ascii=False), flush=True)
     return row
 
@@ -163,13 +162,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def error_line(stderr: str) -> str:
+    """The script's own `error: ...` line, else stderr's last line (a library warning can come after the error)."""
+    lines = stderr.strip().splitlines() or [""]
+    return next((x for x in reversed(lines) if x.startswith("error")), lines[-1])[:400]
+
+
 def small_job(name: str, model: Path, ckpt: Path, test: Path, work: Path, flags: list[str]) -> dict:
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "test_saved_lora.py", "--lora_model", str(model), "--checkpoint", str(ckpt),
                         "--test_data", str(test), "--output_dir", str(work / f"small_{len(flags)}"),
                         "--no_progress", *flags], capture_output=True, text=True)
     row = {"run": name, "rc": r.returncode, "wall_s": round(time.perf_counter() - t, 1),
-           "stdout_tail": r.stdout[-1500:], "error": (r.stderr.strip().splitlines() or [""])[-1][:300]}
+           "stdout_tail": r.stdout[-1500:], "error": error_line(r.stderr) if r.returncode else ""}
     print(json.dumps(row, ensure_ascii=False), flush=True)
     return row
 

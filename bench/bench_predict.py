@@ -119,35 +119,67 @@ def time_api(model: Path, ckpt: Path, device: str, calls: int, warmup: int = 20)
 
 def profile(model: Path, ckpt: Path, data: Path, n: int, out: Path, device: str) -> dict:
     """Where predict.py's model time goes, in this process, on the first `n` texts of the csv tokenised up
-    front: Classifier.proba_of_ids in chunks of predict.py's size (first pass: new row shapes run eagerly once
-    and are captured on their second use; then again, every shape captured), in one call over all texts, in
-    chunks with rows of twice the tokens, and in chunks while a second thread tokenises the same texts (the GIL
-    shared as in predict.py). Real tokens/s of each, printed as a table."""
+    front: Classifier.proba_of_ids in chunks of predict.py's size, a first pass (compiling, each new row shape's
+    eager first run, captures on second use) and again (every shape captured), for the product's row shapes
+    (lft.data.eval_shape: few) and for the earlier ones (every width in steps of 512, slots a power of two over
+    the texts: run 12), and in chunks while a second thread tokenises (the GIL shared as in predict.py). The
+    product's rows go first, on a cold compile cache. Per first pass: row shapes, eager runs and their seconds,
+    captures, dynamo's compile seconds. Real tokens/s of each, printed as a table."""
     import threading
 
     import pandas as pd
 
+    import lft.cuda_graphs as G
+    from lft import data as D
     from lft.predict import Classifier
 
     texts = pd.read_csv(data, nrows=n)["text_cn"].astype(str).tolist()
-    rows = {}
+    rows, stats = {}, {}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    eager = []  # (shape key, seconds) of every eager run
+    plain_eager = G.RowGraphs._eager
+
+    def timed_eager(self, inputs):
+        sync()
+        t = time.perf_counter()
+        y = plain_eager(self, inputs)
+        sync()
+        eager.append((self.key(inputs), time.perf_counter() - t))
+        return y
+    G.RowGraphs._eager = timed_eager
+
+    def compile_seconds() -> float:
+        from torch._dynamo.utils import compilation_time_metrics as m  # name -> [seconds]
+
+        return sum(sum(v) for k, v in m.items() if k.endswith("compile_inner"))
 
     def timed(name, clf, ids, chunk):
+        eager.clear()
+        c0 = compile_seconds()
         sync()
         t = time.perf_counter()
         for k in range(0, len(ids), chunk):
             clf.proba_of_ids(ids[k:k + chunk])
         sync()
         rows[name] = sum(map(len, ids)) / (time.perf_counter() - t)
-        print(f"{name}: {rows[name]:,.0f} tokens/s", flush=True)
-    for max_tokens in (None, 32768):
-        clf = Classifier.load(model, checkpoint=ckpt, device=device, max_tokens=max_tokens)
+        g = clf.predictor._graphs
+        stats[name] = {"shapes": len(g.seen) if g else 0, "captures": g.captures if g else 0,
+                       "capture_s": round(g.capture_seconds, 2) if g else 0, "eager_runs": len(eager),
+                       "eager_s": round(sum(s for _, s in eager), 2),
+                       "compile_s": round(compile_seconds() - c0, 2)}
+        print(f"{name}: {rows[name]:,.0f} tokens/s {stats[name]}", flush=True)
+
+    old_shape = D.eval_shape
+    for policy in ("few row shapes (eval_shape)", "every width in steps of 512 (run 12)"):
+        if policy.startswith("every"):
+            D.eval_shape = lambda n_texts, n_tokens, max_len, cap=None: D.static_shape(
+                n_texts, n_tokens, max_len, step=D.EVAL_ROW_STEP)
+            torch._dynamo.reset()  # compiles again (from the warm disk cache), as a new process would
+        clf = Classifier.load(model, checkpoint=ckpt, device=device)
         ids = clf.encode(texts)
-        if max_tokens is None:
-            timed("chunks of 8,192, first pass (compile, eager first uses, captures)", clf, ids, 8192)
-            timed("chunks of 8,192, again", clf, ids, 8192)
-            timed("one call over all texts", clf, ids, len(ids))
+        timed(f"{policy}: chunks of 8,192, first pass", clf, ids, 8192)
+        timed(f"{policy}: chunks of 8,192, again", clf, ids, 8192)
+        if policy.startswith("few"):
             stop = threading.Event()
 
             def tokenise():
@@ -155,20 +187,24 @@ def profile(model: Path, ckpt: Path, data: Path, n: int, out: Path, device: str)
                     clf.encode(texts[:8192])
             th = threading.Thread(target=tokenise, daemon=True)
             th.start()
-            timed("chunks of 8,192 while a thread tokenises", clf, ids, 8192)
+            timed(f"{policy}: chunks of 8,192 while a thread tokenises", clf, ids, 8192)
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(0.0005)  # the GIL handed over every 0.5 ms instead of 5
+            timed(f"{policy}: chunks of 8,192 while a thread tokenises, GIL switch interval 0.5 ms", clf, ids, 8192)
+            sys.setswitchinterval(switch)
             stop.set()
             th.join()
-        else:
-            clf.proba_of_ids(ids[:8192])
-            timed("chunks of 8,192, rows of 32,768 tokens (after one warm chunk)", clf, ids, 8192)
         clf = None
         if device == "cuda":
             torch.cuda.empty_cache()
-    print("\n| pass | real tokens/s |\n|---|---|")
+    D.eval_shape, G.RowGraphs._eager = old_shape, plain_eager
+    print("\n| pass | real tokens/s | row shapes | eager runs (s) | captures (s) | dynamo compile s |\n|---|---|---|---|---|---|")
     for k, v in rows.items():
-        print(f"| {k} | {v / 1e3:,.1f}k |")
+        s = stats[k]
+        print(f"| {k} | {v / 1e3:,.1f}k | {s['shapes']} | {s['eager_runs']} ({s['eager_s']}) | {s['captures']} "
+              f"({s['capture_s']}) | {s['compile_s']} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_predict_profile.json").write_text(json.dumps(rows, indent=2))
+    (out / "bench_predict_profile.json").write_text(json.dumps({"tokens_s": rows, "stats": stats}, indent=2))
     return rows
 
 

@@ -373,6 +373,24 @@ def static_shape(n_texts: int, n_tokens: int, max_len: int, step: int = TRAIN_RO
     return width, max(64, 1 << (need - 1).bit_length())
 
 
+def eval_shape(n_texts: int, n_tokens: int, max_len: int, cap: int | None = None) -> tuple[int, int]:
+    """(width, slots) of a large evaluation row: few shapes, so a long job captures a handful of CUDA graphs and
+    runs few rows eagerly. Widths go 2048, 3072, 4096, 6144, 8192, ... (2^k and 1.5 x 2^k: at most a third
+    padding, which only the short last rows of a job or chunk carry), and never past `cap` (the rows' token
+    budget, rounded up to EVAL_ROW_STEP), so every full row has the one width `cap`. Slots are at least
+    width / 16: every full row of texts averaging 16 or more tokens has the one count too; the unused slots
+    are empty samples that cost the attention kernel next to nothing."""
+    width = 2048
+    while width < n_tokens:
+        width += width // 2 if width & (width - 1) == 0 else width // 3
+    if cap:
+        cap = -(-cap // EVAL_ROW_STEP) * EVAL_ROW_STEP
+        if n_tokens <= cap:
+            width = min(width, cap)
+    need = n_texts + -(-(width - n_tokens) // max_len)
+    return width, max(64, 1 << (need - 1).bit_length(), 1 << (width // 16 - 1).bit_length())
+
+
 def to_device(batch: dict, device) -> dict:
     """Tensors to `device`; ints stay on the host. For CUDA they are pinned first: a copy from pageable memory
     waits for the GPU to drain its queue, which would stall the CPU once per micro-batch."""

@@ -37,7 +37,7 @@ from .labels import choose_labels, parse_thresholds  # noqa: F401  (the API's th
 from .runtime import Runtime, autocast
 
 
-SMALL_ROW_TOKENS = 2048  # rows up to this many tokens come in widths of 128, larger ones of 512
+SMALL_ROW_TOKENS = 2048  # rows up to this many tokens come in widths of 128, larger ones by lft.data.eval_shape
 
 
 class Predictor:
@@ -46,11 +46,12 @@ class Predictor:
     def __init__(self, model, runtime: Runtime, pad_id: int, max_length: int):
         self.model, self.rt, self.pad_id, self.max_length = model, runtime, pad_id, max_length
         self._graphs = None  # lft.cuda_graphs.RowGraphs, made on first use
+        self.row_tokens: int | None = None  # the last batches()' row budget: the width of every full row
 
     def batches(self, lengths: np.ndarray, rank: int = 0, world: int = 1, max_tokens: int | None = None):
         """Evaluation batches of this rank: each text once over all ranks, rows bounded by `max_tokens`."""
-        return D.eval_batches(lengths, rank, world, max_tokens=max_tokens or 32 * self.max_length,
-                              packed=self.rt.eval_graphs)
+        self.row_tokens = max_tokens or 32 * self.max_length
+        return D.eval_batches(lengths, rank, world, max_tokens=self.row_tokens, packed=self.rt.eval_graphs)
 
     @torch.inference_mode()
     def probs(self, input_ids: list[list[int]], batches: list[list[int]]) -> dict[int, torch.Tensor]:
@@ -71,8 +72,10 @@ class Predictor:
     def _row(self, seqs: list[list[int]]) -> torch.Tensor:
         if self.rt.eval_graphs:
             tokens = sum(map(len, seqs))  # small rows (one request, say) in finer widths: less padding compute
-            step = D.TRAIN_ROW_STEP if tokens <= SMALL_ROW_TOKENS else D.EVAL_ROW_STEP
-            width, slots = D.static_shape(len(seqs), tokens, self.max_length, step=step)
+            if tokens <= SMALL_ROW_TOKENS:
+                width, slots = D.static_shape(len(seqs), tokens, self.max_length, step=D.TRAIN_ROW_STEP)
+            else:  # large rows in few shapes: each new one costs an eager run, a capture and graph memory
+                width, slots = D.eval_shape(len(seqs), tokens, self.max_length, self.row_tokens)
             enc = D.collate_packed_static(seqs, width, slots, self.max_length, self.pad_id)
             return self._graph_runner()(enc)[:len(seqs)].clone()  # the graph's output is overwritten next replay
         enc = D.collate_packed(seqs) if self.rt.packing else D.collate_padded(seqs, self.pad_id)

@@ -79,3 +79,28 @@ def test_collate_packed_static_layout():
 
     with pytest.raises(ValueError):
         D.collate_packed_static([[1] * 10], width=8, slots=4, max_len=16, pad_id=0)
+
+
+def test_eval_shape_few_shapes_and_every_row_fits():
+    """Large evaluation rows come in few shapes (each new one costs an eager run and a capture): every full row
+    of a budget has one width and, for texts of 16+ tokens on average, one slot count; the short last rows take
+    widths 2048, 3072, 4096, 6144, ... (at most a third padding); every row fits its shape."""
+    import random
+
+    rng = random.Random(0)
+    lengths = np.array([min(256, max(8, int(rng.lognormvariate(4.25, 0.6)))) for _ in range(20000)])
+    shapes, waste = set(), []
+    for batch in D.eval_batches(lengths, max_tokens=16384, packed=True):
+        n = int(lengths[batch].sum())
+        width, slots = D.eval_shape(len(batch), n, 256, cap=16384)
+        assert width >= n and slots >= len(batch) + -(-(width - n) // 256)
+        shapes.add((width, slots))
+        waste.append((width - n) / width)
+    assert len(shapes) <= 3, shapes  # the full rows' shape + the last row's (+ a row of the shortest texts)
+    assert sorted(waste)[-2] < 0.02  # padding only in the last row
+    assert D.eval_shape(200, 16000, 256, cap=16384) == D.eval_shape(64, 16384, 256, cap=16384) == (16384, 1024)
+    assert [D.eval_shape(10, n, 256)[0] for n in (2049, 3073, 4097, 6145, 8193)] == [3072, 4096, 6144, 8192, 12288]
+    assert D.eval_shape(10, 9000, 256, cap=10000)[0] == 10240  # the budget rounded up to 512: no wider
+    for n_texts, n_tokens in [(1, 2049), (5000, 16384), (3, 700), (64, 40000)]:  # rows over the budget fit too
+        width, slots = D.eval_shape(n_texts, n_tokens, 256, cap=16384)
+        assert width >= n_tokens and slots >= n_texts + -(-(width - n_tokens) // 256)

@@ -223,7 +223,8 @@ def load_classifier(args, out, job_tokens: int | None = None):
     print(f"model {redact(args.lora_model)} ({len(clf.labels)} labels, fingerprint {clf.identity}, "
           f"{clf.runtime.precision}, quantize {args.quantize}, max_length {clf.max_length}, "
           f"{clf.max_tokens} tokens/row) loaded in "
-          f"{time.perf_counter() - t:.1f} s", file=out)
+          f"{time.perf_counter() - t:.1f} s" + (f" (compiling {clf.compile_seconds:.1f} s)" if clf.compile_seconds
+                                              else ""), file=out)
     return clf
 
 

@@ -202,3 +202,23 @@ def test_a_row_that_peaks_over_the_plan_narrows_the_cap_before_training(tiny_ckp
     assert f"rows of <= {m[1]} tokens" in printed  # the banner shows the narrowed cap
     losses, _ = log(out)
     assert len(losses) == 27 and all(x == x for x in losses)
+
+
+def test_classifier_compiled_with_few_row_shapes_equals_eager(tiny_ckpt, demo_data, tmp_path):
+    """Classifier.load on the GPU compiles while loading (one placeholder row), then large rows come in few shapes
+    (lft.data.eval_shape: full rows one width and slot count, the last row wider than its tokens): probabilities
+    equal the eager path's (no compile, no graphs, no fixed shapes) to bf16 rounding, labels equal."""
+    from lft.predict import Classifier, runtime_args
+    from lft.tables import read_table
+
+    assert run(tiny_ckpt, demo_data, tmp_path / "m", "--num_epochs", 1, "--eval_steps", 27) == 0
+    model = tmp_path / "m" / "best_model"
+    texts = read_table(demo_data["test"])["text_cn"].astype(str).tolist() * 12
+    fast = Classifier.load(model, tiny_ckpt, args=runtime_args("cuda", compile="on", cuda_graphs="on"))
+    assert fast.compile_seconds > 0
+    plain = Classifier.load(model, tiny_ckpt, args=runtime_args("cuda", compile="off", cuda_graphs="off"))
+    a, b = fast.predict_proba(texts), fast.predict_proba(texts)  # first pass: eager first uses; second: replays
+    ref = plain.predict_proba(texts)
+    assert fast.predictor._graphs.captures > 0
+    assert abs(a - ref).max() < 0.02 and abs(b - ref).max() < 0.02
+    assert (a.argmax(1) == ref.argmax(1)).mean() >= 0.99 and abs(b - a).max() < 1e-3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -343,3 +344,31 @@ def test_mongo_errors(server, model, monkeypatch, capsys):  # noqa: F811
     err = fail(capsys, model, "--uri", f"mongodb://{USER}:{PASSWORD}@127.0.0.1:{server.port}/",
                "--write_field", "prediction")
     assert "--uri must not carry credentials" in err and PASSWORD not in err
+
+
+def test_a_compiled_classifier_compiles_while_loading(model, tmp_path, monkeypatch, capsys):
+    """With compile on, Classifier.load ends by running one row of placeholder tokens through the compiled layers
+    (a large row: over SMALL_ROW_TOKENS, texts of at most max_length), so compiling counts as loading, as a
+    server's warm-up does, and predict.py's load line says how long it took. Compiling itself is the GPU's
+    (inductor on CPU takes ~40 s): here torch.compile is replaced by a no-op that leaves the forward counted."""
+    import qwen3_classification_direct as qcd
+    from lft import predict as P
+
+    rows = []
+    monkeypatch.setattr(qcd, "compile_decoder_layers", lambda net: rows.clear())
+    plain = P.Predictor._row
+
+    def row(self, seqs):
+        rows.append([len(s) for s in seqs])
+        return plain(self, seqs)
+    monkeypatch.setattr(P.Predictor, "_row", row)
+    clf = Classifier.load(model, device="cpu", args=P.runtime_args("cpu", compile="on"))
+    assert clf.runtime.compile and clf.compile_seconds > 0
+    assert len(rows) == 1 and max(rows[0]) <= clf.max_length
+    assert P.SMALL_ROW_TOKENS < sum(rows[0]) <= P.COMPILE_ROW_TOKENS
+    assert Classifier.load(model, device="cpu").compile_seconds == 0  # compile off (auto on CPU): no extra row
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"text_cn": ["好"]}).to_csv(src, index=False)
+    capsys.readouterr()
+    assert run(model, "--input", src, "--output", tmp_path / "o.csv", "--compile", "on") == 0
+    assert re.search(r"loaded in [\d.]+ s \(compiling [\d.]+ s\)", capsys.readouterr().out)

@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (36 texts each)")
     p.add_argument("--caps", default="none,22,14", help="GiB caps to run the defaults under ('none': uncapped)")
+    p.add_argument("--capped_flags", default="", help="flag sets separated by ';', each run under every cap beside "
+                   "the defaults (e.g. ';--cuda_graphs off': the defaults, then without training graphs)")
     p.add_argument("--fp16", action="store_true", help="also run --fp16 uncapped")
     p.add_argument("--eager", action="store_true", help="also run --compile off (CUDA graphs still on) uncapped")
     p.add_argument("--small_jobs", action="store_true", help="also time test_saved_lora.py on 3,000 texts")
@@ -133,11 +135,13 @@ def main(argv=None) -> int:
     train = script_data(work, tok, args.steps * 36, 40, "mem_train")
     val = script_data(work, tok, 360, 41, "mem_val")
     rows = []
+    sets = [x.split() for x in args.capped_flags.split(";")] if args.capped_flags else [[]]
     for cap in args.caps.split(","):
         c = 0.0 if cap == "none" else float(cap)
-        rows.append(one_run(f"defaults_cap{cap}", c, ckpt, train, val, work, [], args.torch_logs, log,
-                            args.oom_summary))
-        (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
+        for flags in sets:
+            name = f"defaults_cap{cap}" if not flags else f"cap{cap}_" + "_".join(x.lstrip("-") for x in flags)
+            rows.append(one_run(name, c, ckpt, train, val, work, flags, args.torch_logs, log, args.oom_summary))
+            (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
     for flag, extra in (("fp16", ["--fp16"]), ("eager", ["--compile", "off"])):
         if getattr(args, flag):
             rows.append(one_run(flag, 0.0, ckpt, train, val, work, extra, args.torch_logs, log))

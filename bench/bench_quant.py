@@ -54,6 +54,10 @@ GPU_VARIANTS = {
     "fp8 row, exact accumulation": ("fp8", {"raw": "fp8_row_exact"}),  # torchao's default fast accumulation off
     "fp8 row, MLP only": ("fp8", {"raw": "fp8_row", "only": r"\.mlp\."}),  # attention projections stay bf16
     "fp8 row, layers 4-23 only": ("fp8", {"raw": "fp8_row", "only": r"layers\.([4-9]|1\d|2[0-3])\."}),
+    # run 14: layers 4-23 agreed on 99.37% at 1.22x: which end matters?
+    "fp8 row, not layers 0-1": ("fp8", {"raw": "fp8_row", "only": r"layers\.([2-9]|\d\d)\."}),
+    "fp8 row, not layers 0-3": ("fp8", {"raw": "fp8_row", "only": r"layers\.([4-9]|\d\d)\."}),
+    "fp8 row, not layers 24-27": ("fp8", {"raw": "fp8_row", "only": r"layers\.(\d|1\d|2[0-3])\."}),
     "fp8 row, LoRA merged first": ("fp8", {"granularity": "row", "merge": True}),
     "fp8 tensor, LoRA merged first": ("fp8", {"granularity": "tensor", "merge": True}),
     "int8 weight-only": ("int8", {"raw": "int8_weight_only"}),  # refused by the product on a GPU (run 11)

@@ -8,6 +8,7 @@
 #   train     bench/bench_gpu.py default rows (--skip ref --quick)
 #   memory    bench/bench_memory.py (capped-memory runs of the original recipe; MEMORY_FLAGS adds flags)
 #   compile   bench/bench_compile.py (where compile time goes; COMPILE_VARIANTS selects variants)
+#   startup   bench/bench_startup.py (where a one-off test_saved_lora.py's wall time goes; STARTUP_RUNS runs)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -27,6 +28,7 @@ for spec in "$@"; do
     train)   cmd=(python3 bench/bench_gpu.py --skip ref --quick --out "$OUT/train") ;;
     memory)  cmd=(python3 bench/bench_memory.py --out "$OUT/memory" ${MEMORY_FLAGS:-}) ;;
     compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}") ;;
+    startup) cmd=(python3 bench/bench_startup.py --runs "${STARTUP_RUNS:-2}" --out "$OUT/startup") ;;
     *) echo "unknown phase $phase"; continue ;;
   esac
   timeout -k 10 "$limit" "${cmd[@]}" > "$OUT/$phase.log" 2>&1

@@ -321,6 +321,9 @@ def test_worker_encoder_encodes_as_the_classifier(clf_tokens, text):
     as Classifier.token_ids for any text, and no special-token id from any text."""
     clf, enc = clf_tokens
     assert enc.token_ids([text]) == clf.token_ids([text])
+    # the classifier encodes through the tokenizers backend: the ids of the transformers call, which training
+    # and test_saved_lora.py use (lft.data.tokenize_split)
+    assert clf.token_ids([text]) == clf.tokenizer([text], add_special_tokens=False)["input_ids"]
     assert enc.cut(enc.token_ids([text])) == clf.encode([text])
     assert not set(enc.token_ids([text])[0]) & clf_tokens_special(clf)
 
@@ -337,6 +340,21 @@ def clf_tokens(clf):
     enc = Encoder(tok.backend_tokenizer.to_str(), tok.pad_token_id, clf.max_length)
     assert enc.token_ids(ADVERSARIAL) == clf.token_ids(ADVERSARIAL)
     return clf, enc
+
+
+def test_the_classifier_never_encodes_through_a_truncating_backend(clf):
+    """Classifier.token_ids reads the backend directly only while nothing set truncation or padding on it; when
+    something has (a caller's own tokenizer call with truncation=True), it goes through transformers' call,
+    which undoes them, so no text is ever cut short silently."""
+    tok = clf.tokenizer
+    long = "很长的文本" * 100
+    full = clf.token_ids([long])[0]
+    assert len(full) > 20
+    tok.backend_tokenizer.enable_truncation(max_length=8)
+    try:
+        assert clf.token_ids([long])[0] == full
+    finally:
+        tok.backend_tokenizer.no_truncation()
 
 
 def _workers(pid: int) -> list[int]:

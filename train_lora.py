@@ -451,6 +451,10 @@ class Trainer:
         probe = memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
         row_tokens = plan_memory(probe, args, rt, d)
         if rt.step_graphs and row_tokens < args.max_tokens_per_row:  # a card the wanted rows do not fit
+            rt, note = R.for_capped_rows(rt, args)
+            if note:
+                dist.print0(f"note: {note}")
+        if rt.step_graphs and row_tokens < args.max_tokens_per_row:  # --cuda_graphs on: the pool sized once
             row_tokens = min(dist.gather_objects(reserve_graph_pool(  # every process splits its rows alike
                 model, args, rt, row_tokens, tokenizer.pad_token_id, M.budget(rt.device)), d))
         times["compile"], t = time.perf_counter() - t, time.perf_counter()

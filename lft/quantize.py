@@ -15,12 +15,19 @@ The modes:
   fp8   float8 e4m3 weights and dynamically quantised activations, row-wise scales (one per output channel and
         one per token), fp8 tensor-core matmuls: the speed option on GPUs with fp8 (compute capability >= 8.9:
         Ada, Hopper, Blackwell). Needs bf16 weights. Pays with torch.compile fusing the activation quantisation.
+        The first FP8_BF16_LAYERS decoder layers stay bf16: their inputs are the embeddings, small beside what
+        the layers add, so fp8's ~3% rounding weighs most there. On an H200 with a trained adapter (bench/RESULTS.md
+        run 15) every layer in fp8 agreed with bf16's labels on 98.4% of held-out texts at 1.34x bf16's
+        throughput; layers 2-27 only, 99.17% at 1.32x; leaving the last four layers bf16 instead changed nothing
+        (98.4%), and no faster accumulation or MLP-only choice got both 99% and 1.3x.
   int8  CPU only: int8 weights and dynamically quantised int8 activations, row-wise scales (int8 matmuls; base
         weights at a quarter of fp32; a Qwen3-1.7B MLP on one core: 1.3x fp32 at 512 tokens, slower for a few
         tokens, where the per-token quantisation costs more than it saves; weight-only was slower than fp32 at
-        every size). Refused on a GPU: torchao 0.18's int8 weight-only ran a whole 1.7B-shaped model on an H200
-        at 0.3k tokens/s against bf16's 153k, one text in 410 ms against 4.5 ms, with 0.71x bf16's peak
-        memory (bench/RESULTS.md run 11); fp8 is the GPU option.
+        every size). Refused on a GPU, where neither of torchao 0.18's int8 forms beat bf16 at any batch size
+        on a whole 1.7B-shaped model (H200, bench/RESULTS.md): weight-only ran at 0.3k tokens/s against 153k,
+        one text in 410 ms against 4.5 ms (run 11); dynamic activations at 0.87x bf16's throughput, 1 / 8 / 64
+        texts in 4.7 / 6.2 / 41.2 ms against 4.1 / 5.1 / 35.8 (run 13), with weights at 0.61x bf16's (0.52x
+        with int8 embeddings too, which were slower still). fp8 is the GPU option.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ torch = lazy_import("torch")  # loaded on first use: scripts declare --quantize 
 QUANTIZE_CHOICES = ("none", "int8", "fp8")
 TORCHAO_VERSION = "0.18.0"  # pinned in requirements-dev.txt; works with torch 2.11 (CUDA) and 2.13 (CPU)
 FP8_MIN_CAPABILITY = (8, 9)
+FP8_BF16_LAYERS = 2  # the first decoder layers stay bf16 under fp8 (a quarter of the layers at most: see fp8 above)
 # the base projections of a decoder layer, plain (merged folder) or inside a peft LoRA layer (".base_layer")
 BASE_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
                          r"(?:\.base_layer)?$")
@@ -79,9 +87,9 @@ def check_quantize(args, device, problems: list[str]) -> None:
             problems.append("--quantize fp8 needs bf16 base weights; drop --fp16/--fp32")
     if mode == "int8" and gpu is not None:
         problems.append("--quantize int8 is the CPU option: on a GPU it was slower than bf16 at every batch size "
-                        "measured (H200, torchao 0.18 int8 weight-only: one text 410 ms against 4.5 ms) and its "
-                        "peak memory 0.71x bf16's (bench/RESULTS.md run 11); use --quantize fp8 for speed (compute "
-                        "capability >= 8.9) or none")
+                        "measured (H200, torchao 0.18: weight-only one text 410 ms against 4.5 ms; dynamic "
+                        "activations 0.87x bf16's throughput, 64 texts 41.2 against 35.8 ms; bench/RESULTS.md runs "
+                        "11 and 13); use --quantize fp8 for speed (compute capability >= 8.9) or none")
 
 
 def import_torchao():
@@ -114,13 +122,24 @@ def is_base_linear(module: "torch.nn.Module", fqn: str) -> bool:
     return type(module) is torch.nn.Linear and BASE_LINEAR.search(fqn) is not None
 
 
-def quantize_with(model: "torch.nn.Module", config) -> list[str]:
-    """Apply a torchao config to the base projections; the names quantised, in model order."""
+def first_quantised_layer(mode: str, n_layers: int) -> int:
+    """The index of the first decoder layer a mode quantises (fp8 leaves the first FP8_BF16_LAYERS in bf16, never
+    more than a quarter of a model's layers; int8 quantises all)."""
+    return min(FP8_BF16_LAYERS, n_layers // 4) if mode == "fp8" else 0
+
+
+def layer_of(fqn: str) -> int:
+    return int(re.search(r"(?:^|\.)layers\.(\d+)\.", fqn).group(1))
+
+
+def quantize_with(model: "torch.nn.Module", config, first_layer: int = 0) -> list[str]:
+    """Apply a torchao config to the base projections of decoder layers `first_layer` on; the names quantised,
+    in model order."""
     tq = import_torchao()
     names: list[str] = []
 
     def pick(module, fqn):
-        hit = is_base_linear(module, fqn)
+        hit = is_base_linear(module, fqn) and layer_of(fqn) >= first_layer
         if hit:
             names.append(fqn)
         return hit
@@ -147,7 +166,8 @@ def quantize_model(model: "torch.nn.Module", mode: str, runtime, *, merge: bool 
         raise UserError("; ".join(problems))
     if merge and hasattr(model.backbone, "merge_and_unload"):
         model.backbone = model.backbone.merge_and_unload()
-    names = quantize_with(model, config_for(mode, granularity))
+    n_layers = len(model.base_model.layers) if hasattr(model, "base_model") else 0
+    names = quantize_with(model, config_for(mode, granularity), first_quantised_layer(mode, n_layers))
     if not names:
         raise UserError(f"--quantize {mode}: the model has no decoder projections to quantise")
     if runtime.device.type == "cuda":
@@ -159,6 +179,7 @@ def describe(mode: str) -> str:
     """One phrase for the model line of a script."""
     if mode == "none":
         return "not quantised"
-    what = {"fp8": "fp8 weights + dynamic fp8 activations, row-wise scales",
+    what = {"fp8": f"fp8 weights + dynamic fp8 activations, row-wise scales; the first {FP8_BF16_LAYERS} decoder "
+                   "layers of a model of 8 or more stay bf16",
             "int8": "int8 weights + dynamic int8 activations"}[mode]
     return f"quantised {mode} ({what}; base projections only, LoRA and head float)"

@@ -169,6 +169,22 @@ def for_job(rt: Runtime, args, tokens: int, kind: str) -> tuple[Runtime, str | N
         f"start-up than they save (--compile on / --cuda_graphs on to force them)")
 
 
+def for_capped_rows(rt: Runtime, args) -> tuple[Runtime, str | None]:
+    """`rt` without CUDA graphs when the memory plan has capped the training rows (a card the wanted rows do not
+    fit), where --cuda_graphs is 'auto' ('on' is obeyed: train_lora then sizes the graphs' pool for the widest
+    row), and the line saying so. On such a card the graphs' private pool is what runs out: capped at 14 GiB on an
+    H200, the 1.7B recipe's rows were capped at 4,224 tokens and the pool then held 10.1 GiB (4.5 in use, 5.6
+    cached for the captured graphs) beside the default pool's 3.8, out of memory at the first steps
+    (bench/RESULTS.md run 15)."""
+    import dataclasses
+
+    if not (rt.step_graphs or rt.eval_graphs) or args.cuda_graphs != "auto":
+        return rt, None
+    return dataclasses.replace(rt, step_graphs=False, eval_graphs=False), (
+        "memory: CUDA graphs off on this card (their private memory pool does not fit beside capped rows; "
+        "--cuda_graphs on forces them)")
+
+
 def autocast(device, amp_dtype):
     """Autocast to `amp_dtype` on `device` (off when None), for every forward of the toolkit. Its cache of cast
     weights is off: a CUDA graph must not keep cached casts, and each weight is cast once per forward anyway."""

@@ -143,3 +143,14 @@ def test_gpu_fp8_defaults_agree_with_bf16(trained):
     # 0.069 was measured on the H200
     assert np.abs(P - ref).max() < 0.1
     assert (P.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+def test_fp8_leaves_the_first_two_layers_of_a_deep_model_in_bf16():
+    """fp8 quantises decoder layers 2 on of a deep model (run 15: all layers agreed with bf16 on 98.4% of texts,
+    layers 2-27 on 99.17% at 1.32x); a shallow model keeps at most a quarter of its layers back; int8 quantises
+    every layer."""
+    assert Q.first_quantised_layer("fp8", 28) == 2 and Q.first_quantised_layer("fp8", 64) == 2
+    assert Q.first_quantised_layer("fp8", 2) == 0 and Q.first_quantised_layer("fp8", 7) == 1
+    assert Q.first_quantised_layer("int8", 28) == 0
+    assert Q.layer_of("backbone.base_model.model.layers.17.mlp.up_proj.base_layer") == 17
+    assert Q.layer_of("layers.0.self_attn.q_proj") == 0

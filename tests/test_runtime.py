@@ -80,3 +80,18 @@ def test_small_jobs_skip_the_fast_path_unless_forced(gpu):
     assert kept is forced and note is None
     cpu = R.resolve(flags(), torch.device("cpu"))
     assert R.for_job(cpu, flags(), 10, "training") == (cpu, None)
+
+
+def test_capped_training_rows_turn_cuda_graphs_off_unless_forced(gpu):
+    """A card the wanted rows do not fit (the memory plan capped them): CUDA graphs off where --cuda_graphs is auto
+    (their private pool ran a 14 GiB cap out of memory, run 15), compile kept; 'on' is obeyed."""
+    dev = gpu(9, 0)
+    rt = R.resolve(flags(), dev, training=True)
+    assert rt.step_graphs and rt.eval_graphs and rt.compile
+    off, note = R.for_capped_rows(rt, flags())
+    assert not off.step_graphs and not off.eval_graphs and off.compile and off.attn == R.VARLEN
+    assert note.startswith("memory: CUDA graphs off on this card") and "--cuda_graphs on forces them" in note
+    forced = R.resolve(flags(cuda_graphs="on"), dev, training=True)
+    assert R.for_capped_rows(forced, flags(cuda_graphs="on")) == (forced, None)
+    plain = R.resolve(flags(cuda_graphs="off"), dev, training=True)
+    assert R.for_capped_rows(plain, flags(cuda_graphs="off")) == (plain, None)

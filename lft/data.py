@@ -375,20 +375,22 @@ def static_shape(n_texts: int, n_tokens: int, max_len: int, step: int = TRAIN_RO
 
 def eval_shape(n_texts: int, n_tokens: int, max_len: int, cap: int | None = None) -> tuple[int, int]:
     """(width, slots) of a large evaluation row: few shapes, so a long job captures a handful of CUDA graphs and
-    runs few rows eagerly. Widths go 2048, 3072, 4096, 6144, 8192, ... (2^k and 1.5 x 2^k: at most a third
-    padding, which only the short last rows of a job or chunk carry), and never past `cap` (the rows' token
-    budget, rounded up to EVAL_ROW_STEP), so every full row has the one width `cap`. Slots are at least
-    width / 16: every full row of texts averaging 16 or more tokens has the one count too; the unused slots
-    are empty samples that cost the attention kernel next to nothing."""
+    runs few rows eagerly. Widths go in quarter octaves, 2048, 2560, 3072, 3584, 4096, 5120, ... (at most a fifth
+    padding; from 2,048 to 4,096 tokens the steps of 512 of smaller rows' EVAL_ROW_STEP), never past `cap` (the
+    rows' token budget, rounded up to EVAL_ROW_STEP), so every full row of a long job has the one width `cap`.
+    Slots are a power of two over the texts and, for a full row, at least width / 16: every full row of texts
+    averaging 16 or more tokens then has the one count too (the unused slots are empty samples, next to free)."""
     width = 2048
     while width < n_tokens:
-        width += width // 2 if width & (width - 1) == 0 else width // 3
+        width += 1 << (width.bit_length() - 3)  # a quarter of the power of two at or below it
+    full = False
     if cap:
         cap = -(-cap // EVAL_ROW_STEP) * EVAL_ROW_STEP
-        if n_tokens <= cap:
-            width = min(width, cap)
+        if n_tokens <= cap and width >= cap:
+            width, full = cap, True
     need = n_texts + -(-(width - n_tokens) // max_len)
-    return width, max(64, 1 << (need - 1).bit_length(), 1 << (width // 16 - 1).bit_length())
+    slots = max(64, 1 << (need - 1).bit_length())
+    return width, max(slots, 1 << (width // 16 - 1).bit_length()) if full else slots
 
 
 def to_device(batch: dict, device) -> dict:

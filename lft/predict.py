@@ -206,9 +206,10 @@ class Classifier:
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Every token id of each text, none cut (serve.py refuses a text over max_length unless asked to cut).
         Safe to call from several threads: it never changes the tokenizer's truncation or padding. The `tokenizers`
-        backend encodes directly (the ids transformers' call returns; predict.py's reading thread then holds the
-        GIL ~10x less per chunk, which the model thread needs to launch rows), unless something set truncation or
-        padding on it, which transformers' call would undo first."""
+        backend encodes directly (the ids transformers' call returns, in less than half its time, most of it
+        outside the GIL, which predict.py's model thread needs to launch rows: 153.6k -> 161.4k tokens/s on an
+        H200, bench/RESULTS.md runs 14-15), unless something set truncation or padding on it, which
+        transformers' call would undo first."""
         if not texts:
             return []
         backend = getattr(self.tokenizer, "backend_tokenizer", None)

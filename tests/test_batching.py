@@ -83,8 +83,8 @@ def test_collate_packed_static_layout():
 
 def test_eval_shape_few_shapes_and_every_row_fits():
     """Large evaluation rows come in few shapes (each new one costs an eager run and a capture): every full row
-    of a budget has one width and, for texts of 16+ tokens on average, one slot count; the short last rows take
-    widths 2048, 3072, 4096, 6144, ... (at most a third padding); every row fits its shape."""
+    of a budget has one width and, for texts of 16+ tokens on average, one slot count; shorter rows take widths
+    in quarter octaves, 2048, 2560, ..., 4096, 5120, ... (at most a fifth padding); every row fits its shape."""
     import random
 
     rng = random.Random(0)
@@ -99,7 +99,8 @@ def test_eval_shape_few_shapes_and_every_row_fits():
     assert len(shapes) <= 3, shapes  # the full rows' shape + the last row's (+ a row of the shortest texts)
     assert sorted(waste)[-2] < 0.02  # padding only in the last row
     assert D.eval_shape(200, 16000, 256, cap=16384) == D.eval_shape(64, 16384, 256, cap=16384) == (16384, 1024)
-    assert [D.eval_shape(10, n, 256)[0] for n in (2049, 3073, 4097, 6145, 8193)] == [3072, 4096, 6144, 8192, 12288]
+    assert [D.eval_shape(10, n, 256)[0] for n in (2049, 3073, 4097, 6145, 8193)] == [2560, 3584, 5120, 7168, 10240]
+    assert D.eval_shape(34, 2600, 256, cap=16384) == (3072, 64)  # a row short of the budget: slots for its texts
     assert D.eval_shape(10, 9000, 256, cap=10000)[0] == 10240  # the budget rounded up to 512: no wider
     for n_texts, n_tokens in [(1, 2049), (5000, 16384), (3, 700), (64, 40000)]:  # rows over the budget fit too
         width, slots = D.eval_shape(n_texts, n_tokens, 256, cap=16384)

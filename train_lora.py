@@ -454,9 +454,9 @@ class Trainer:
             rt, note = R.for_capped_rows(rt, args)
             if note:
                 dist.print0(f"note: {note}")
-        if rt.step_graphs and row_tokens < args.max_tokens_per_row:  # --cuda_graphs on: the pool sized once
-            row_tokens = min(dist.gather_objects(reserve_graph_pool(  # every process splits its rows alike
-                model, args, rt, row_tokens, tokenizer.pad_token_id, M.budget(rt.device)), d))
+            if rt.step_graphs:  # --cuda_graphs on: the pool sized once for the widest row
+                row_tokens = min(dist.gather_objects(reserve_graph_pool(  # every process splits its rows alike
+                    model, args, rt, row_tokens, tokenizer.pad_token_id, M.budget(rt.device)), d))
         times["compile"], t = time.perf_counter() - t, time.perf_counter()
         outdir.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)
         tokenize_data(splits, tokenizer, args, d)

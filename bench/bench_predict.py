@@ -173,7 +173,7 @@ def profile(model: Path, ckpt: Path, data: Path, n: int, out: Path, device: str)
     for policy in ("few row shapes (eval_shape)", "every width in steps of 512 (run 12)"):
         if policy.startswith("every"):
             D.eval_shape = lambda n_texts, n_tokens, max_len, cap=None: D.static_shape(
-                n_texts, n_tokens, max_len, step=D.EVAL_ROW_STEP)
+                n_texts, n_tokens, max_len, D.TRAIN_ROW_STEP if n_tokens <= D.SMALL_ROW_TOKENS else D.EVAL_ROW_STEP)
             torch._dynamo.reset()  # compiles again (from the warm disk cache), as a new process would
         clf = Classifier.load(model, checkpoint=ckpt, device=device)
         ids = clf.encode(texts)

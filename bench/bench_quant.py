@@ -166,12 +166,9 @@ def load_variant(name, mode, how, ckpt, folder, dev, graphs: bool):
     args = runtime_args("cuda" if on_gpu else "cpu", "bf16" if on_gpu else "fp32", compile="off",
                         cuda_graphs="on" if graphs else "off")
     clf = Classifier.load(folder, ckpt, args=args)
-    if "only" in how:  # the base projections whose names match
-        names = []
-        Q.import_torchao().quantize_(clf.model, raw_config(how["raw"]), filter_fn=lambda m, fqn: Q.is_base_linear(
-            m, fqn) and re.search(how["only"], fqn) is not None and names.append(fqn) is None)
-    elif "raw" in how:
-        names = Q.quantize_with(clf.model, raw_config(how["raw"]))
+    if "raw" in how:  # "only": the base projections whose names match
+        names = Q.quantize_with(clf.model, raw_config(how["raw"]),
+                                keep=lambda fqn: re.search(how.get("only", ""), fqn) is not None)
         if how.get("embeddings"):
             tq = Q.import_torchao()
             tq.quantize_(clf.model, tq.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=tq.PerAxis(0)),

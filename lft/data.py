@@ -363,24 +363,33 @@ def collate_packed_static(seqs: list[list[int]], width: int, slots: int, max_len
 # training defaults); evaluation rows are filled up to a real-token budget, so steps of 512 make nearly all of
 # them one shape (one CUDA graph)
 TRAIN_ROW_STEP, EVAL_ROW_STEP = 128, 512
+SMALL_ROW_TOKENS = 2048  # evaluation rows up to this many tokens come in widths of TRAIN_ROW_STEP (eval_shape)
 
 
 def static_shape(n_texts: int, n_tokens: int, max_len: int, step: int = TRAIN_ROW_STEP) -> tuple[int, int]:
     """(width, slots) of the fixed-shape row that holds n_texts texts of n_tokens tokens: the width rounds up to
     a multiple of `step` (~2% padding at the training defaults), the slots to a power of two >= 64."""
     width = max(step, -(-n_tokens // step) * step)
+    return width, _slots(n_texts, n_tokens, width, max_len)
+
+
+def _slots(n_texts: int, n_tokens: int, width: int, max_len: int) -> int:
+    """Samples of a fixed-shape row: its texts plus the padding's segments of <= max_len, as a power of two >= 64."""
     need = n_texts + -(-(width - n_tokens) // max_len)
-    return width, max(64, 1 << (need - 1).bit_length())
+    return max(64, 1 << (need - 1).bit_length())
 
 
 def eval_shape(n_texts: int, n_tokens: int, max_len: int, cap: int | None = None) -> tuple[int, int]:
-    """(width, slots) of a large evaluation row: few shapes, so a long job captures a handful of CUDA graphs and
-    runs few rows eagerly. Widths go in quarter octaves, 2048, 2560, 3072, 3584, 4096, 5120, ... (at most a fifth
+    """(width, slots) of an evaluation row. Rows of up to SMALL_ROW_TOKENS (one request, say) come in widths of
+    TRAIN_ROW_STEP: little padding compute. Larger rows come in few shapes, so a long job captures a handful of
+    CUDA graphs and runs few rows eagerly: widths in quarter octaves, 2048, 2560, 3072, 3584, 4096, 5120, ... (at most a fifth
     padding; from 2,048 to 4,096 tokens the steps of 512 of smaller rows' EVAL_ROW_STEP), never past `cap` (the
     rows' token budget, rounded up to EVAL_ROW_STEP), so every full row of a long job has the one width `cap`.
     Slots are a power of two over the texts and, for a full row, at least width / 16: every full row of texts
     averaging 16 or more tokens then has the one count too (the unused slots are empty samples, next to free)."""
-    width = 2048
+    if n_tokens <= SMALL_ROW_TOKENS:
+        return static_shape(n_texts, n_tokens, max_len, TRAIN_ROW_STEP)
+    width = SMALL_ROW_TOKENS
     while width < n_tokens:
         width += 1 << (width.bit_length() - 3)  # a quarter of the power of two at or below it
     full = False
@@ -388,8 +397,7 @@ def eval_shape(n_texts: int, n_tokens: int, max_len: int, cap: int | None = None
         cap = -(-cap // EVAL_ROW_STEP) * EVAL_ROW_STEP
         if n_tokens <= cap and width >= cap:
             width, full = cap, True
-    need = n_texts + -(-(width - n_tokens) // max_len)
-    slots = max(64, 1 << (need - 1).bit_length())
+    slots = _slots(n_texts, n_tokens, width, max_len)
     return width, max(slots, 1 << (width // 16 - 1).bit_length()) if full else slots
 
 

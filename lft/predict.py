@@ -37,8 +37,8 @@ from .labels import choose_labels, parse_thresholds  # noqa: F401  (the API's th
 from .runtime import Runtime, autocast
 
 
+SMALL_ROW_TOKENS = D.SMALL_ROW_TOKENS
 COMPILE_ROW_TOKENS = 3000  # Classifier.load's compiling row: a large row (> SMALL_ROW_TOKENS), of few tokens
-SMALL_ROW_TOKENS = 2048  # rows up to this many tokens come in widths of 128, larger ones by lft.data.eval_shape
 
 
 class Predictor:
@@ -72,11 +72,7 @@ class Predictor:
 
     def _row(self, seqs: list[list[int]]) -> torch.Tensor:
         if self.rt.eval_graphs:
-            tokens = sum(map(len, seqs))  # small rows (one request, say) in finer widths: less padding compute
-            if tokens <= SMALL_ROW_TOKENS:
-                width, slots = D.static_shape(len(seqs), tokens, self.max_length, step=D.TRAIN_ROW_STEP)
-            else:  # large rows in few shapes: each new one costs an eager run, a capture and graph memory
-                width, slots = D.eval_shape(len(seqs), tokens, self.max_length, self.row_tokens)
+            width, slots = D.eval_shape(len(seqs), sum(map(len, seqs)), self.max_length, self.row_tokens)
             enc = D.collate_packed_static(seqs, width, slots, self.max_length, self.pad_id)
             return self._graph_runner()(enc)[:len(seqs)].clone()  # the graph's output is overwritten next replay
         enc = D.collate_packed(seqs) if self.rt.packing else D.collate_padded(seqs, self.pad_id)

@@ -132,14 +132,14 @@ def layer_of(fqn: str) -> int:
     return int(re.search(r"(?:^|\.)layers\.(\d+)\.", fqn).group(1))
 
 
-def quantize_with(model: "torch.nn.Module", config, first_layer: int = 0) -> list[str]:
-    """Apply a torchao config to the base projections of decoder layers `first_layer` on; the names quantised,
-    in model order."""
+def quantize_with(model: "torch.nn.Module", config, keep=lambda fqn: True) -> list[str]:
+    """Apply a torchao config to the base projections whose names `keep` accepts; the names quantised, in model
+    order."""
     tq = import_torchao()
     names: list[str] = []
 
     def pick(module, fqn):
-        hit = is_base_linear(module, fqn) and layer_of(fqn) >= first_layer
+        hit = is_base_linear(module, fqn) and keep(fqn)
         if hit:
             names.append(fqn)
         return hit
@@ -167,7 +167,8 @@ def quantize_model(model: "torch.nn.Module", mode: str, runtime, *, merge: bool 
     if merge and hasattr(model.backbone, "merge_and_unload"):
         model.backbone = model.backbone.merge_and_unload()
     n_layers = len(model.base_model.layers) if hasattr(model, "base_model") else 0
-    names = quantize_with(model, config_for(mode, granularity), first_quantised_layer(mode, n_layers))
+    first = first_quantised_layer(mode, n_layers)
+    names = quantize_with(model, config_for(mode, granularity), keep=lambda fqn: layer_of(fqn) >= first)
     if not names:
         raise UserError(f"--quantize {mode}: the model has no decoder projections to quantise")
     if runtime.device.type == "cuda":

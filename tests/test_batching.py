@@ -101,6 +101,7 @@ def test_eval_shape_few_shapes_and_every_row_fits():
     assert D.eval_shape(200, 16000, 256, cap=16384) == D.eval_shape(64, 16384, 256, cap=16384) == (16384, 1024)
     assert [D.eval_shape(10, n, 256)[0] for n in (2049, 3073, 4097, 6145, 8193)] == [2560, 3584, 5120, 7168, 10240]
     assert D.eval_shape(34, 2600, 256, cap=16384) == (3072, 64)  # a row short of the budget: slots for its texts
+    assert D.eval_shape(3, 700, 256, cap=16384) == D.static_shape(3, 700, 256) == (768, 64)  # small: steps of 128
     assert D.eval_shape(10, 9000, 256, cap=10000)[0] == 10240  # the budget rounded up to 512: no wider
     for n_texts, n_tokens in [(1, 2049), (5000, 16384), (3, 700), (64, 40000)]:  # rows over the budget fit too
         width, slots = D.eval_shape(n_texts, n_tokens, 256, cap=16384)

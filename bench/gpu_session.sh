@@ -7,7 +7,7 @@
 #   quant     bench/bench_quant.py (QUANT_ONLY selects variants)
 #   train     bench/bench_gpu.py default rows (--skip ref --quick)
 #   memory    bench/bench_memory.py (capped-memory runs of the original recipe; MEMORY_FLAGS adds flags)
-#   compile   bench/bench_compile.py (where compile time goes; COMPILE_VARIANTS selects variants)
+#   compile   bench/bench_compile.py (where compile time goes; COMPILE_VARIANTS selects variants, COMPILE_FLAGS adds flags)
 #   startup   bench/bench_startup.py (where a one-off test_saved_lora.py's wall time goes; STARTUP_RUNS runs)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -27,7 +27,7 @@ for spec in "$@"; do
     quant)   cmd=(python3 bench/bench_quant.py --out "$OUT/quant" --only "${QUANT_ONLY:-}") ;;
     train)   cmd=(python3 bench/bench_gpu.py --skip ref --quick --out "$OUT/train") ;;
     memory)  cmd=(python3 bench/bench_memory.py --out "$OUT/memory" ${MEMORY_FLAGS:-}) ;;
-    compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}") ;;
+    compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}" ${COMPILE_FLAGS:-}) ;;
     startup) cmd=(python3 bench/bench_startup.py --runs "${STARTUP_RUNS:-2}" --out "$OUT/startup") ;;
     *) echo "unknown phase $phase"; continue ;;
   esac

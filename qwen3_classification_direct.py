@@ -71,13 +71,20 @@ def register_varlen_attention() -> None:
     AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)  # segments come from cu_seqlens
 
 
-def compile_decoder_layers(model: "Qwen3Classifier") -> None:
+def compile_decoder_layers(model: "Qwen3Classifier", backend="inductor") -> None:
     """torch.compile each decoder layer (dynamic shapes: packed rows vary in length). Fuses the RMSNorms,
     rotary embedding, SiLU gate and LoRA dropout/scale/add into a few kernels: on an H200 this doubled
     training and evaluation throughput at the default settings (bench/RESULTS.md)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # dynamic=True also makes every float attribute a graph input: RMSNorm eps, attention scaling and dropout,
+    # LoRA's scaling and dropout p became 0-dim CPU tensors, so inductor built CPU kernels (C++ compiles, its CPU
+    # ISA probe) beside the GPU ones. On an H200 the first 1.7B training step took 104 s cold and 51 s from a warm
+    # cache; shapes alone dynamic, 14 s cold and 2 s warm (bench/RESULTS.md run 18). These floats are the same in
+    # every layer and never change, so they are constants: one graph still serves all the layers.
+    if hasattr(torch._dynamo.config, "specialize_float"):
+        torch._dynamo.config.specialize_float = True
     for layer in model.base_model.layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=backend)
     # In training the first layer's input (the frozen embeddings' output) would not require grad while every
     # later layer's does: two compiled graphs (forward + backward each). Made to require grad, all layers share
     # one, which saves a whole compile at start-up; the cost is the first layer's input gradient (a few small

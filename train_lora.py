@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lft.common import (ArgumentParser, HelpFormatter, UserError, check_python, exit_script, explain_oom,
-                        lazy_import, redact, safe_args, write_json)
+                        lazy_import, redact, safe_args, seconds_since_launch, write_json)
 
 check_python()  # before torch and transformers, whose own failure on an old Python is far from the cause
 # torch and everything built on it load on first use: --help and flag errors answer at once
@@ -440,6 +440,7 @@ class Trainer:
 
         torch.manual_seed(args.seed)  # same head init on every rank
         t = time.perf_counter()
+        times["data"] = t - t_start
         with explain_oom("the base model alone does not fit on this GPU: use --bf16 or a smaller Qwen3"):
             model, identity = qcd.build_classifier(args.checkpoint, labels, args.dropout, args.pooling,
                                                    rt.weight_dtype, rt.attn, lora=lora_spec(args), device=d.device)
@@ -461,8 +462,12 @@ class Trainer:
         outdir.check_free_space(out, qcd.count_parameters(model)[1], args.save_total_limit)
         tokenize_data(splits, tokenizer, args, d)
         times["tokenise"] = time.perf_counter() - t
-        dist.print0(f"ready in {time.perf_counter() - t_start:.1f} s (load {times['load']:.1f} s, compile and "
-                    f"memory probe {times['compile']:.1f} s, tokenise {times['tokenise']:.1f} s)")
+        setup_s = time.perf_counter() - t_start
+        launched = seconds_since_launch()  # the clock users see: interpreter start-up and imports included
+        before = f"start-up {launched - setup_s:.1f} s, " if launched is not None else ""
+        dist.print0(f"ready in {launched if launched is not None else setup_s:.1f} s ({before}checks and data "
+                    f"{times['data']:.1f} s, load {times['load']:.1f} s, compile and memory probe "
+                    f"{times['compile']:.1f} s, tokenise {times['tokenise']:.1f} s)")
         t = cls(args=args, d=d, rt=rt, labels=labels, out=out, splits=splits, tokenizer=tokenizer, model=model,
                 identity=identity, resume=resume, row_tokens=row_tokens)
         t._plan_and_build()

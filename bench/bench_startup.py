@@ -8,6 +8,14 @@ functions that make it (so no phase holds import time); the parent times the who
     python bench/bench_startup.py                      # on the GPU if there is one, else the CPU
     python bench/bench_startup.py --runs 3 --stub_eval # evaluation replaced by random probabilities (the rest)
     python bench/bench_startup.py -- --bf16            # flags after -- go to test_saved_lora.py
+    python bench/bench_startup.py --small_jobs         # the whole command's wall time: auto flags, then eager
+    python bench/bench_startup.py --train              # train_lora.py: launch to first optimizer step
+
+--small_jobs: test_saved_lora.py at its auto flags and with --compile off --cuda_graphs off (issue 13, goal 5:
+auto must never be slower), --runs times each, whole-command wall time from launch to exit.
+--train: train_lora.py on the original recipe's data (45,000 training and 18,000 validation texts of the bench
+distribution) at its defaults, from launch until the log line of optimizer step 1 (then stopped), first with empty
+compile caches (cold), then with the caches that run left (warm); reports its "ready in" line too (goal 4).
 
 Prints a markdown table (median of the runs) and writes bench_startup.json to --out.
 """
@@ -85,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--stub_eval", action="store_true", help="random probabilities instead of the model's")
     p.add_argument("--workdir", default="/tmp/lft_bench")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where bench_startup.json goes")
+    p.add_argument("--small_jobs", action="store_true", help="whole-command wall time, auto flags vs eager")
+    p.add_argument("--train", action="store_true", help="train_lora.py from launch to its first optimizer step")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, extra = p.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
@@ -92,6 +102,9 @@ def main(argv=None) -> int:
         child(extra, args.stub_eval)
         return 0
     import torch
+
+    if args.train or args.small_jobs:
+        return whole_commands(args, extra)
 
     sys.path.insert(0, str(REPO / "bench"))
     import bench_gpu
@@ -110,7 +123,7 @@ def main(argv=None) -> int:
     runs = []
     for _ in range(args.runs):
         t = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         wall, ended = time.perf_counter() - t, time.time()
         if r.returncode != 0:
             raise SystemExit(f"test_saved_lora.py failed ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -125,6 +138,89 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_startup.json").write_text(json.dumps(
         {"device": device, "texts": args.texts, "stub_eval": args.stub_eval, "extra": extra, "runs": runs}, indent=2))
+    return 0
+
+
+def child_env(**extra) -> dict:
+    """The environment with this repository first on PYTHONPATH (what was there stays: carried wheels)."""
+    path = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x)
+    return dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", **extra)
+
+
+def timed_command(cmd: list[str], env: dict, stop_at: str | None = None) -> dict:
+    """Run `cmd`; the seconds from launch to each of its stdout lines that matter, and to its exit (or, with
+    `stop_at`, to the first line starting with it, where the command is then killed)."""
+    import signal
+
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    seen, ready, lines = None, "", []
+    for line in p.stdout:
+        lines.append(line.rstrip())
+        if line.startswith("ready in"):
+            ready = line.strip()
+        if stop_at and line.startswith(stop_at):
+            seen = time.perf_counter() - t
+            os.killpg(p.pid, signal.SIGKILL)
+            break
+    p.stdout.close()
+    stderr = p.stderr.read()
+    rc = p.wait()
+    wall = time.perf_counter() - t
+    if stop_at and seen is None or not stop_at and rc != 0:
+        raise SystemExit(f"{' '.join(cmd[:2])} failed ({rc}):\n" + "\n".join(lines[-20:]) + stderr[-3000:])
+    return {"seconds": round(seen if stop_at else wall, 2), "ready": ready}
+
+
+def whole_commands(args, extra) -> int:
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_gpu
+    from bench_predict import random_adapter
+    from transformers import AutoTokenizer
+
+    bench_gpu.DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = Path(args.workdir)
+    ckpt = bench_gpu.build_checkpoint_folder(work / "qwen3-1.7b-shaped")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    rows = []
+    if args.small_jobs:
+        adapter = random_adapter(ckpt, work / "full" / "random_adapter")
+        data = bench_gpu.script_data(work, tok, args.texts, 40, f"startup_{args.texts}")
+        base = [sys.executable, "test_saved_lora.py", "--lora_model", str(adapter), "--checkpoint", str(ckpt),
+                "--test_data", str(data), "--no_progress", *extra]
+        for name, flags in (("auto", []), ("--compile off --cuda_graphs off", ["--compile", "off", "--cuda_graphs",
+                                                                                  "off"])):
+            for i in range(args.runs):
+                r = timed_command([*base, "--output_dir", str(work / f"small_{len(flags)}_{i}"), *flags], child_env())
+                rows.append({"job": f"test_saved_lora.py, {args.texts:,} texts", "flags": name, "cache": "-",
+                             "seconds": r["seconds"], "what": "wall, launch to exit", "ready": ""})
+                print(json.dumps(rows[-1]), flush=True)
+    if args.train:
+        train = bench_gpu.script_data(work, tok, 45000, 30, "full_train")
+        val = bench_gpu.script_data(work, tok, 18000, 31, "full_val")
+        cache = Path(tempfile.mkdtemp(prefix="lft_startup_cache_"))
+        env = child_env(TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"))
+        for i, label in enumerate(("cold", "warm")):
+            cmd = [sys.executable, "train_lora.py", "--checkpoint", str(ckpt), "--train_data", str(train),
+                   "--val_data", str(val), "--output_dir", str(work / f"startup_train_{i}"), "--num_epochs", "3",
+                   "--batch_size", "18", "--learning_rate", "5e-5", "--max_length", "256", "--eval_steps", "200",
+                   "--no_progress", "--logging_steps", "1", *extra]
+            r = timed_command(cmd, env, stop_at="step 1/")
+            rows.append({"job": "train_lora.py, original recipe (45,000 + 18,000 texts)", "flags": "defaults",
+                         "cache": label, "seconds": r["seconds"], "what": "launch to step 1's log line",
+                         "ready": r["ready"]})
+            print(json.dumps(rows[-1]), flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\nOn {device}; seconds\n\n| job | flags | compile cache | s | measured | ready line |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['job']} | {r['flags']} | {r['cache']} | {r['seconds']} | {r['what']} | {r['ready']} |")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench_startup.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
     return 0
 
 

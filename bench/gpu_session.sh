@@ -9,6 +9,9 @@
 #   memory    bench/bench_memory.py (capped-memory runs of the original recipe; MEMORY_FLAGS adds flags)
 #   compile   bench/bench_compile.py (where compile time goes; COMPILE_VARIANTS selects variants, COMPILE_FLAGS adds flags)
 #   startup   bench/bench_startup.py (where a one-off test_saved_lora.py's wall time goes; STARTUP_RUNS runs)
+#   small     bench/bench_startup.py --small_jobs (test_saved_lora.py on 3,000 texts, auto vs eager; STARTUP_RUNS)
+#   firststep bench/bench_startup.py --train (train_lora.py, original recipe: launch to step 1, cold and warm)
+#   full      bench/bench_gpu.py --full_recipe (the original full recipe end to end, from launch)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -29,6 +32,9 @@ for spec in "$@"; do
     memory)  cmd=(python3 bench/bench_memory.py --out "$OUT/memory" ${MEMORY_FLAGS:-}) ;;
     compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}" ${COMPILE_FLAGS:-}) ;;
     startup) cmd=(python3 bench/bench_startup.py --runs "${STARTUP_RUNS:-2}" --out "$OUT/startup") ;;
+    small)   cmd=(python3 bench/bench_startup.py --small_jobs --runs "${STARTUP_RUNS:-2}" --out "$OUT/small") ;;
+    firststep) cmd=(python3 bench/bench_startup.py --train --out "$OUT/firststep") ;;
+    full)    cmd=(python3 bench/bench_gpu.py --full_recipe --out "$OUT/full") ;;
     *) echo "unknown phase $phase"; continue ;;
   esac
   timeout -k 10 "$limit" "${cmd[@]}" > "$OUT/$phase.log" 2>&1

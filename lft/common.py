@@ -243,6 +243,19 @@ class _Deferred:
         return f"<deferred module {object.__getattribute__(self, '_name')!r}>"
 
 
+def seconds_since_launch() -> float | None:
+    """Seconds since this process started (the kernel's clock: interpreter start-up and imports included), or
+    None where /proc does not say (not Linux)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def lazy_import(name: str):
     """`name` as a stand-in that imports the module (an ordinary import, nothing else changes) on the first
     attribute read. Scripts reach torch, pandas and the modules built on them this way, so `--help` and flag

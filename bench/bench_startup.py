@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where bench_startup.json goes")
     p.add_argument("--small_jobs", action="store_true", help="whole-command wall time, auto flags vs eager")
     p.add_argument("--train", action="store_true", help="train_lora.py from launch to its first optimizer step")
+    p.add_argument("--profile", action="store_true", help="with --train: a third, warm run's set-up under cProfile")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, extra = p.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
@@ -139,6 +140,30 @@ def main(argv=None) -> int:
     (Path(args.out) / "bench_startup.json").write_text(json.dumps(
         {"device": device, "texts": args.texts, "stub_eval": args.stub_eval, "extra": extra, "runs": runs}, indent=2))
     return 0
+
+
+PROFILED_SETUP = """import cProfile, os, sys
+prof = cProfile.Profile()
+prof.enable()
+import train_lora
+def fit(self, stop):
+    prof.disable()
+    prof.dump_stats(sys.argv[1])
+    print("PROFILED", flush=True)
+    os._exit(0)
+train_lora.Trainer.fit = fit
+train_lora.main(sys.argv[2:])
+"""
+
+
+def print_profile(path: Path, top: int = 60) -> None:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    pstats.Stats(str(path), stream=buf).sort_stats("cumulative").print_stats(top)
+    print(f"\n--- {path.name}, by cumulative time\n" + "\n".join(
+        line[:200].replace("site-packages/", "") for line in buf.getvalue().splitlines() if line.strip()))
 
 
 def child_env(**extra) -> dict:
@@ -215,6 +240,11 @@ def whole_commands(args, extra) -> int:
                          "cache": label, "seconds": r["seconds"], "what": "launch to step 1's log line",
                          "ready": r["ready"]})
             print(json.dumps(rows[-1]), flush=True)
+        if args.profile:  # a third, warm run under cProfile from its first line to the end of set-up
+            prof = Path(args.out) / "train_setup_warm.prof"
+            prof.parent.mkdir(parents=True, exist_ok=True)
+            timed_command([sys.executable, "-c", PROFILED_SETUP, str(prof), *cmd[2:]], env, stop_at="PROFILED")
+            print_profile(prof)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\nOn {device}; seconds\n\n| job | flags | compile cache | s | measured | ready line |\n|---|---|---|---|---|---|")
     for r in rows:

@@ -33,7 +33,7 @@ for spec in "$@"; do
     compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}" ${COMPILE_FLAGS:-}) ;;
     startup) cmd=(python3 bench/bench_startup.py --runs "${STARTUP_RUNS:-2}" --out "$OUT/startup") ;;
     small)   cmd=(python3 bench/bench_startup.py --small_jobs --runs "${STARTUP_RUNS:-2}" --out "$OUT/small") ;;
-    firststep) cmd=(python3 bench/bench_startup.py --train --out "$OUT/firststep") ;;
+    firststep) cmd=(python3 bench/bench_startup.py --train --profile --out "$OUT/firststep") ;;
     full)    cmd=(python3 bench/bench_gpu.py --full_recipe --out "$OUT/full") ;;
     *) echo "unknown phase $phase"; continue ;;
   esac

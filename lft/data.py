@@ -6,6 +6,7 @@ communicated or saved: resuming only needs the step number.
 """
 from __future__ import annotations
 
+import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,15 +233,59 @@ def check_splits(splits: dict[str, Split], labels, dedup: bool = False) -> tuple
     return out, notes
 
 
-def tokenize_split(split: Split, tokenizer, max_length: int, desc: str = "tokenise", show: bool = True) -> None:
+def encode_texts(tokenizer, texts: list[str], threads: int = 1, chunk: int = 2048, progress=None) -> list[list[int]]:
+    """Every token id of each text, no special tokens added, none cut. The `tokenizers` backend encodes directly
+    (transformers' call gives the same ids in ~1.6x the time), unless something set truncation or padding on it,
+    which transformers' call would undo first. With `threads` > 1, chunks of texts encode in that many threads:
+    the backend releases the GIL, so they run in parallel whatever TOKENIZERS_PARALLELISM says (63,000 texts of
+    the original recipe: 6.2 s in one thread on a 2-core machine). `progress(n)` is called after each chunk.
+    Safe to call from several threads: it never changes the tokenizer."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets computed
+
+        def encode(part):
+            return [e.ids for e in encode_batch(part, add_special_tokens=False)]
+    else:
+        def encode(part):
+            return tokenizer(part, add_special_tokens=False)["input_ids"]
+    parts = [list(texts[s:s + chunk]) for s in range(0, len(texts), chunk)]
+    out = []
+    if threads <= 1 or len(parts) == 1:
+        for part in parts:
+            out.extend(encode(part))
+            if progress:
+                progress(len(part))
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(parts)), thread_name_prefix="tokenise") as pool:
+        for part, ids in zip(parts, pool.map(encode, parts)):
+            out.extend(ids)
+            if progress:
+                progress(len(part))
+    return out
+
+
+def tokenize_threads() -> int:
+    """Threads for tokenising a data set: the cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def tokenize_split(split: Split, tokenizer, max_length: int, desc: str = "tokenise", show: bool = True,
+                   threads: int | None = None) -> None:
     """Tokenise every text once, up front. No special tokens are added (Qwen3 has no BOS); texts longer than
     max_length keep their first max_length tokens and are counted in split.n_truncated."""
     from tqdm.auto import tqdm
 
-    out, chunk = [], 2048
-    for start in tqdm(range(0, len(split.texts), chunk), desc=desc, unit="chunk", disable=not show, leave=False):
-        enc = tokenizer(split.texts[start:start + chunk], add_special_tokens=False)["input_ids"]
-        out.extend(enc)
+    with tqdm(total=len(split.texts), desc=desc, unit="text", disable=not show, leave=False) as bar:
+        out = encode_texts(tokenizer, split.texts, threads or tokenize_threads(), progress=bar.update)
     cut = [i for i, x in enumerate(out) if len(x) > max_length]
     split.n_truncated = len(cut)
     split.input_ids = [x[:max_length] if len(x) > max_length else x for x in out]

@@ -201,18 +201,10 @@ class Classifier:
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Every token id of each text, none cut (serve.py refuses a text over max_length unless asked to cut).
-        Safe to call from several threads: it never changes the tokenizer's truncation or padding. The `tokenizers`
-        backend encodes directly (the ids transformers' call returns, in less than half its time, most of it
-        outside the GIL, which predict.py's model thread needs to launch rows: 153.6k -> 161.4k tokens/s on an
-        H200, bench/RESULTS.md runs 14-15), unless something set truncation or padding on it, which
-        transformers' call would undo first."""
-        if not texts:
-            return []
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None and backend.truncation is None and backend.padding is None:
-            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets computed
-            return [e.ids for e in encode(list(texts), add_special_tokens=False)]
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        Safe to call from several threads. Through the `tokenizers` backend (lft.data.encode_texts): less than
+        half transformers' call's time, most of it outside the GIL, which predict.py's model thread needs to
+        launch rows (153.6k -> 161.4k tokens/s on an H200, bench/RESULTS.md runs 14-15)."""
+        return D.encode_texts(self.tokenizer, texts)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """(n, num_labels) float32 probabilities, in the order given."""

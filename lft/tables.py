@@ -54,6 +54,8 @@ def _need(module: str, why: str):
 
 def is_missing(value) -> bool:
     """None, NaN, pd.NA, NaT (pandas' and numpy's): a cell with no value."""
+    if isinstance(value, str):  # nearly every cell of a data file: decided without touching pandas
+        return False
     if value is None or value is pd.NA or value is pd.NaT:
         return True
     if isinstance(value, float):

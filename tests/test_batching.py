@@ -1,4 +1,6 @@
 """Batching: length grouping, optimizer-step plans, packed rows, evaluation shards."""
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -106,3 +108,27 @@ def test_eval_shape_few_shapes_and_every_row_fits():
     for n_texts, n_tokens in [(1, 2049), (5000, 16384), (3, 700), (64, 40000)]:  # rows over the budget fit too
         width, slots = D.eval_shape(n_texts, n_tokens, 256, cap=16384)
         assert width >= n_tokens and slots >= n_texts + -(-(width - n_tokens) // 256)
+
+
+def test_threaded_chunked_encoding_equals_transformers_call(tiny_ckpt):
+    """lft.data.encode_texts in several threads over small chunks gives, in order, exactly the ids of
+    transformers' own call, special-token strings and odd characters included; a truncating backend is
+    undone, never obeyed; tokenize_split cuts only at max_length and counts what it cut."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    texts = [f"第{i}条 <|endoftext|> 你好 \u200b" * (1 + i % 7) + "\x00<|im_start|>" * (i % 3) for i in range(53)]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    seen = []
+    assert D.encode_texts(tok, texts, threads=4, chunk=5, progress=seen.append) == want
+    assert sum(seen) == len(texts) and len(seen) == 11
+    assert D.encode_texts(tok, texts) == want
+    tok.backend_tokenizer.enable_truncation(max_length=4)
+    try:
+        assert D.encode_texts(tok, texts, threads=3, chunk=7) == want
+    finally:
+        tok.backend_tokenizer.no_truncation()
+    split = D.Split(path=Path("x.csv"), texts=texts, labels=np.zeros(len(texts), dtype=np.int64))
+    D.tokenize_split(split, tok, max_length=30, show=False, threads=3)
+    assert split.input_ids == [x[:30] for x in want]
+    assert split.n_truncated == sum(len(x) > 30 for x in want) > 0

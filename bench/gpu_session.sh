@@ -10,12 +10,18 @@
 #   compile   bench/bench_compile.py (where compile time goes; COMPILE_VARIANTS selects variants, COMPILE_FLAGS adds flags)
 #   startup   bench/bench_startup.py (where a one-off test_saved_lora.py's wall time goes; STARTUP_RUNS runs)
 #   small     bench/bench_startup.py --small_jobs (test_saved_lora.py on 3,000 texts, auto vs eager; STARTUP_RUNS)
-#   firststep bench/bench_startup.py --train (train_lora.py, original recipe: launch to step 1, cold and warm)
+#   firststep bench/bench_startup.py --train (train_lora.py, original recipe: launch to step 1, cold and warm;
+#             STARTUP_PROFILE=1: a third run's set-up under cProfile)
 #   full      bench/bench_gpu.py --full_recipe (the original full recipe end to end, from launch)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# The image's site-packages keep no bytecode a process can reuse: every import compiles its modules from source
+# (run 20's profile: 3,892 compiles in one warm train_lora.py set-up). A user's pip install writes them once.
+# PYCACHE=1 keeps them in /tmp/pycache for the session, as an installed environment has them.
+python3 -c "import sys, os, sysconfig; p = sysconfig.get_paths()['purelib']; print('bytecode: dont_write', sys.dont_write_bytecode, 'prefix', sys.pycache_prefix, 'site-packages', p, 'writable', os.access(p, os.W_OK), 'transformers pycache', os.path.isdir(os.path.join(p, 'transformers', '__pycache__')))"
+if [ -n "${PYCACHE:-}" ]; then unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=/tmp/pycache; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 mkdir -p "$OUT"
@@ -33,7 +39,7 @@ for spec in "$@"; do
     compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}" ${COMPILE_FLAGS:-}) ;;
     startup) cmd=(python3 bench/bench_startup.py --runs "${STARTUP_RUNS:-2}" --out "$OUT/startup") ;;
     small)   cmd=(python3 bench/bench_startup.py --small_jobs --runs "${STARTUP_RUNS:-2}" --out "$OUT/small") ;;
-    firststep) cmd=(python3 bench/bench_startup.py --train --profile --out "$OUT/firststep") ;;
+    firststep) cmd=(python3 bench/bench_startup.py --train ${STARTUP_PROFILE:+--profile} --out "$OUT/firststep") ;;
     full)    cmd=(python3 bench/bench_gpu.py --full_recipe --out "$OUT/full") ;;
     *) echo "unknown phase $phase"; continue ;;
   esac

@@ -218,9 +218,9 @@ def whole_commands(args, extra) -> int:
         data = bench_gpu.script_data(work, tok, args.texts, 40, f"startup_{args.texts}")
         base = [sys.executable, "test_saved_lora.py", "--lora_model", str(adapter), "--checkpoint", str(ckpt),
                 "--test_data", str(data), "--no_progress", *extra]
-        for name, flags in (("auto", []), ("--compile off --cuda_graphs off", ["--compile", "off", "--cuda_graphs",
-                                                                                  "off"])):
-            for i in range(args.runs):
+        for i in range(args.runs):  # alternating, so neither setting always runs first
+            for name, flags in (("auto", []), ("--compile off --cuda_graphs off", ["--compile", "off", "--cuda_graphs",
+                                                                                      "off"])):
                 r = timed_command([*base, "--output_dir", str(work / f"small_{len(flags)}_{i}"), *flags], child_env())
                 rows.append({"job": f"test_saved_lora.py, {args.texts:,} texts", "flags": name, "cache": "-",
                              "seconds": r["seconds"], "what": "wall, launch to exit", "ready": ""})

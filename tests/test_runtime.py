@@ -70,9 +70,14 @@ def test_bf16_flag_on_a_gpu_without_bf16_is_an_error(gpu):
 def test_small_jobs_skip_the_fast_path_unless_forced(gpu):
     dev = gpu(9, 0)
     rt = R.resolve(flags(), dev, training=False)
-    small, note = R.for_job(rt, flags(), 250_000, "evaluation")  # 3,000 texts: 21 s plain vs 33 s fast
+    small, note = R.for_job(rt, flags(), 250_000, "evaluation")  # 3,000 texts
     assert not small.compile and not small.eval_graphs and small.attn == R.VARLEN and small.packing
-    assert note.startswith("small evaluation job (250,000 tokens < 2,500,000): compile and CUDA graphs off")
+    assert note.startswith("small evaluation job (250,000 tokens < 1,600,000): compile and CUDA graphs off")
+    train = R.resolve(flags(), dev, training=True)
+    assert train.compile and train.step_graphs
+    few_steps, note = R.for_job(train, flags(), 600_000, "training")  # ~200 steps of the original recipe
+    assert not few_steps.compile and not few_steps.step_graphs and note.startswith("small training job")
+    assert R.for_job(train, flags(), 800_000, "training") == (train, None)
     big, note = R.for_job(rt, flags(), 10_000_000, "evaluation")
     assert big is rt and note is None
     forced = R.resolve(flags(compile="on", cuda_graphs="on"), dev, training=True)

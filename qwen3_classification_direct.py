@@ -78,9 +78,9 @@ def compile_decoder_layers(model: "Qwen3Classifier", backend="inductor") -> None
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     # dynamic=True also makes every float attribute a graph input: RMSNorm eps, attention scaling and dropout,
     # LoRA's scaling and dropout p became 0-dim CPU tensors, so inductor built CPU kernels (C++ compiles, its CPU
-    # ISA probe) beside the GPU ones. On an H200 the first 1.7B training step took 104 s cold and 51 s from a warm
-    # cache; shapes alone dynamic, 14 s cold and 2 s warm (bench/RESULTS.md run 18). These floats are the same in
-    # every layer and never change, so they are constants: one graph still serves all the layers.
+    # ISA probe) beside the GPU ones: on an H200 the first 1.7B training step took 104 s with a cold compile cache
+    # and 51 s with a warm one (bench/RESULTS.md run 18); as constants, 17.6 s and 2.9 s (run 19). These floats are
+    # the same in every layer and never change, so one graph still serves all the layers.
     if hasattr(torch._dynamo.config, "specialize_float"):
         torch._dynamo.config.specialize_float = True
     for layer in model.base_model.layers:

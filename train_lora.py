@@ -498,7 +498,9 @@ class Trainer:
         for line in warnings:
             dist.print0(f"warning: {line}")
         setup_s = time.perf_counter() - t_start
-        launched = seconds_since_launch()  # the clock users see: interpreter start-up and imports included
+        # run as a script, the clock users see (interpreter start-up and imports included); called from Python,
+        # the process's age says nothing of this run
+        launched = seconds_since_launch() if __name__ == "__main__" else None
         before = f"start-up {launched - setup_s:.1f} s, " if launched is not None else ""
         dist.print0(f"ready in {launched if launched is not None else setup_s:.1f} s ({before}checks and data "
                     f"{times['data']:.1f} s, load {times['load']:.1f} s, compile and memory probe "

@@ -1,5 +1,6 @@
 """train_lora.py end to end on the tiny checkpoint: golden losses, learning, output files, resume, DDP."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -30,10 +31,17 @@ def read_log(out, key="loss"):
     return [r for r in rows if key in r]
 
 
-def test_golden_first_losses_and_output_files(tiny_ckpt, demo_data, tmp_path):
+READY = (r"ready in ([\d.]+) s \((?:start-up ([\d.]+) s, )?checks and data ([\d.]+) s, load ([\d.]+) s, compile "
+         r"and memory probe ([\d.]+) s, tokenise [\d.]+ s in parallel with them: ([\d.]+) s after\)")
+
+
+def test_golden_first_losses_and_output_files(tiny_ckpt, demo_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_lora.main(base_args(tiny_ckpt, demo_data, out, "--num_epochs", "1",
                                      "--test_data", demo_data["test"])) == 0
+    ready = re.search(READY, capsys.readouterr().out)  # called from Python: no start-up part (the process is older)
+    assert ready and ready.group(2) is None
+    assert float(ready.group(1)) >= sum(float(ready.group(i)) for i in (3, 4, 5, 6)) - 0.2  # rounding of 4 parts
     losses = [r["loss"] for r in read_log(out)][:5]
     assert losses == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "best_model", "checkpoint-27", "metrics.jsonl",
@@ -103,6 +111,9 @@ def test_torchrun_two_processes_equal_one(tiny_ckpt, demo_data, tmp_path):
     r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 on cpu (DDP)" in r.stdout
+    ready = re.search(READY, r.stdout)  # a script: counted from launch, imports included
+    assert ready and float(ready.group(2)) > 0
+    assert float(ready.group(1)) >= sum(float(ready.group(i)) for i in (2, 3, 4, 5, 6)) - 0.25
     a, b = [x["loss"] for x in read_log(one)], [x["loss"] for x in read_log(two)]
     assert len(a) == len(b) == 27
     assert a == pytest.approx(b, abs=1e-5)

@@ -118,7 +118,7 @@ def check_args(args, p) -> None:
         problems.append(f"--lora_model {args.lora_model}: not a folder")
     else:
         from lft.adapter import read_classifier_config
-        from lft.predict import parse_thresholds
+        from lft.labels import parse_thresholds
 
         try:
             config = read_classifier_config(args.lora_model)
@@ -184,7 +184,7 @@ class Labeller:
 
     def __call__(self, texts: list[str], ids: list[list[int]] | None = None):
         """(probabilities (n, labels), chosen label ids). `ids`: the texts already tokenised (clf.encode)."""
-        from lft.predict import choose_labels
+        from lft.labels import choose_labels
 
         ids = self.clf.encode(texts) if ids is None else ids
         P = self.clf.proba_of_ids(ids)

@@ -190,7 +190,9 @@ def tokenize_data(splits: dict[str, D.Split], tokenizer, args, d: "dist.Dist", s
 class Background:
     """fn() in a thread, started now; result() waits and returns its value or raises its exception here. Used to
     tokenise while the model loads and compiles: the tokenizers backend and inductor's compile workers run
-    outside the GIL (the original recipe's 63,000 texts took 9-13 s after the compile on an H200, run 19)."""
+    outside the GIL (the original recipe's 63,000 texts took 9-13 s after the compile on an H200, run 19). A
+    daemon thread, not a ThreadPoolExecutor's: when set-up fails (out of memory loading the model, say), the
+    process exits at once instead of waiting at exit for the tokenising to finish."""
 
     def __init__(self, fn):
         import threading

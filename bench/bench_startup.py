@@ -156,16 +156,6 @@ train_lora.main(sys.argv[2:])
 """
 
 
-def print_profile(path: Path, top: int = 60) -> None:
-    import io
-    import pstats
-
-    buf = io.StringIO()
-    pstats.Stats(str(path), stream=buf).sort_stats("cumulative").print_stats(top)
-    print(f"\n--- {path.name}, by cumulative time\n" + "\n".join(
-        line[:200].replace("site-packages/", "") for line in buf.getvalue().splitlines() if line.strip()))
-
-
 def child_env(**extra) -> dict:
     """The environment with this repository first on PYTHONPATH (what was there stays: carried wheels)."""
     path = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x)
@@ -226,15 +216,11 @@ def whole_commands(args, extra) -> int:
                              "seconds": r["seconds"], "what": "wall, launch to exit", "ready": ""})
                 print(json.dumps(rows[-1]), flush=True)
     if args.train:
-        train = bench_gpu.script_data(work, tok, 45000, 30, "full_train")
-        val = bench_gpu.script_data(work, tok, 18000, 31, "full_val")
         cache = Path(tempfile.mkdtemp(prefix="lft_startup_cache_"))
         env = child_env(TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"))
         for i, label in enumerate(("cold", "warm")):
-            cmd = [sys.executable, "train_lora.py", "--checkpoint", str(ckpt), "--train_data", str(train),
-                   "--val_data", str(val), "--output_dir", str(work / f"startup_train_{i}"), "--num_epochs", "3",
-                   "--batch_size", "18", "--learning_rate", "5e-5", "--max_length", "256", "--eval_steps", "200",
-                   "--no_progress", "--logging_steps", "1", *extra]
+            cmd = bench_gpu.original_recipe(ckpt, work, work / f"startup_train_{i}", tok, "--logging_steps", "1",
+                                            *extra)
             r = timed_command(cmd, env, stop_at="step 1/")
             rows.append({"job": "train_lora.py, original recipe (45,000 + 18,000 texts)", "flags": "defaults",
                          "cache": label, "seconds": r["seconds"], "what": "launch to step 1's log line",
@@ -244,6 +230,8 @@ def whole_commands(args, extra) -> int:
             prof = Path(args.out) / "train_setup_warm.prof"
             prof.parent.mkdir(parents=True, exist_ok=True)
             timed_command([sys.executable, "-c", PROFILED_SETUP, str(prof), *cmd[2:]], env, stop_at="PROFILED")
+            from bench_compile import print_profile
+
             print_profile(prof)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\nOn {device}; seconds\n\n| job | flags | compile cache | s | measured | ready line |\n|---|---|---|---|---|---|")

@@ -154,7 +154,8 @@ class Classifier:
         line saying so is `clf.note`). Unknown (None): a long-lived classifier, which they pay for.
         With compile on, loading ends by compiling the decoder layers on one row of placeholder tokens, as a
         server warms up at boot: the seconds go to the load (`clf.compile_seconds`), not to the first texts
-        (on an H200 the Qwen3-1.7B shape compiles in ~11 s cold, ~2 s from inductor's disk cache)."""
+        (on an H200 the Qwen3-1.7B shape compiled in ~11 s cold, ~2 s from inductor's disk cache: run 13, before
+        the float attributes became constants)."""
         from . import adapter
         from . import runtime as R
         from .quantize import check_quantize, quantize_model

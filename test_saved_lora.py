@@ -18,8 +18,8 @@ import argparse
 from pathlib import Path
 
 from lft import runtime as R
-from lft.common import (ArgumentParser, HelpFormatter, UserError, exit_script, explain_oom, lazy_import, redact,
-                        write_json)
+from lft.common import (ArgumentParser, Background, HelpFormatter, UserError, exit_script, explain_oom, lazy_import,
+                        redact, write_json)
 from lft.quantize import add_quantize_arg, check_quantize, describe, quantize_model
 
 # torch and everything built on it load on first use: --help and flag errors answer at once
@@ -97,14 +97,22 @@ def run(args, d) -> int:
                 f"{describe(args.quantize)}); "
                 f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 
+    # the reports' imports (scikit-learn, matplotlib: ~1 s) run while the evaluation waits on the GPU, started when
+    # the main thread has done its own imports (none of them shared: no module is imported by two threads at once)
     predictor = predict.Predictor(model, rt, tokenizer.pad_token_id, max_length)
-    probs = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world,
-                                                               max_tokens=args.batch_size * max_length))
-    merged = {}
-    for part in dist.gather_objects(probs, d):  # every rank; each text was predicted by exactly one rank
-        merged.update(part)
+    reports = Background(metrics.warm_up) if d.main else None
+    try:
+        probs = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world,
+                                                                   max_tokens=args.batch_size * max_length))
+        merged = {}
+        for part in dist.gather_objects(probs, d):  # every rank; each text was predicted by exactly one rank
+            merged.update(part)
+    finally:  # an error exits only after the imports end: a thread cut off mid-import can crash the exit
+        if reports is not None:
+            reports.join()
     if not d.main:
         return 0
+    reports.result()
     P = torch.stack([merged[i] for i in sorted(merged)]).float().numpy()
     if not np.isfinite(P).all():
         raise UserError(f"--lora_model {args.lora_model}: the model gives non-finite probabilities; its weights or "

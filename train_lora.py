@@ -30,8 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lft.common import (ArgumentParser, HelpFormatter, UserError, check_python, exit_script, explain_oom,
-                        lazy_import, redact, safe_args, seconds_since_launch, write_json)
+from lft.common import (ArgumentParser, Background, HelpFormatter, UserError, check_python, exit_script,
+                        explain_oom, lazy_import, redact, safe_args, seconds_since_launch, write_json)
 
 check_python()  # before torch and transformers, whose own failure on an old Python is far from the cause
 # torch and everything built on it load on first use: --help and flag errors answer at once
@@ -185,33 +185,6 @@ def tokenize_data(splits: dict[str, D.Split], tokenizer, args, d: "dist.Dist", s
                          show=show and d.main and not args.no_progress)
         warnings += split.notes[seen:]
     return warnings
-
-
-class Background:
-    """fn() in a thread, started now; result() waits and returns its value or raises its exception here. Used to
-    tokenise while the model loads and compiles: the tokenizers backend and inductor's compile workers run
-    outside the GIL (the original recipe's 63,000 texts took 9-13 s after the compile on an H200, run 19). A
-    daemon thread, not a ThreadPoolExecutor's: when set-up fails (out of memory loading the model, say), the
-    process exits at once instead of waiting at exit for the tokenising to finish."""
-
-    def __init__(self, fn):
-        import threading
-
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="lft-background", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn):
-        try:
-            self._value = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
-            self._error = e
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def estimated_tokens(splits: dict, args, world: int) -> int:
@@ -465,6 +438,7 @@ class Trainer:
         rt, note = R.for_job(rt, args, estimated_tokens(splits, args, d.world), "training")
         if note:
             dist.print0(f"note: {note}")
+        R.start_compile_workers(rt)  # they come up while the tokenizer and the model load
         tokenizer = qcd.load_tokenizer(args.checkpoint)
         t_tok = time.perf_counter()
 

@@ -11,8 +11,9 @@ functions that make it (so no phase holds import time); the parent times the who
     python bench/bench_startup.py --small_jobs         # the whole command's wall time: auto flags, then eager
     python bench/bench_startup.py --train              # train_lora.py: launch to first optimizer step
 
---small_jobs: test_saved_lora.py at its auto flags and with --compile off --cuda_graphs off (issue 13, goal 5:
-auto must never be slower), --runs times each, whole-command wall time from launch to exit.
+--small_jobs: test_saved_lora.py at its auto flags, with --compile off --cuda_graphs off (issue 13, goal 5: auto
+must never be slower) and with --compile off --cuda_graphs on (graphs without compiling: do they pay on a small
+job?), --runs times each, in turn, whole-command wall time from launch to exit.
 --train: train_lora.py on the original recipe's data (45,000 training and 18,000 validation texts of the bench
 distribution) at its defaults, from launch until the log line of optimizer step 1 (then stopped), first with empty
 compile caches (cold), then with the caches that run left (warm); reports its "ready in" line too (goal 4).
@@ -208,10 +209,11 @@ def whole_commands(args, extra) -> int:
         data = bench_gpu.script_data(work, tok, args.texts, 40, f"startup_{args.texts}")
         base = [sys.executable, "test_saved_lora.py", "--lora_model", str(adapter), "--checkpoint", str(ckpt),
                 "--test_data", str(data), "--no_progress", *extra]
-        for i in range(args.runs):  # alternating, so neither setting always runs first
-            for name, flags in (("auto", []), ("--compile off --cuda_graphs off", ["--compile", "off", "--cuda_graphs",
-                                                                                      "off"])):
-                r = timed_command([*base, "--output_dir", str(work / f"small_{len(flags)}_{i}"), *flags], child_env())
+        settings = (("auto", []), ("--compile off --cuda_graphs off", ["--compile", "off", "--cuda_graphs", "off"]),
+                    ("--compile off --cuda_graphs on", ["--compile", "off", "--cuda_graphs", "on"]))
+        for i in range(args.runs):  # in turn, so no setting always runs first
+            for k, (name, flags) in enumerate(settings[i % 3:] + settings[:i % 3]):
+                r = timed_command([*base, "--output_dir", str(work / f"small_{k}_{i}"), *flags], child_env())
                 rows.append({"job": f"test_saved_lora.py, {args.texts:,} texts", "flags": name, "cache": "-",
                              "seconds": r["seconds"], "what": "wall, launch to exit", "ready": ""})
                 print(json.dumps(rows[-1]), flush=True)

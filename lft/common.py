@@ -243,6 +243,36 @@ class _Deferred:
         return f"<deferred module {object.__getattribute__(self, '_name')!r}>"
 
 
+class Background:
+    """fn() in a thread, started now; result() waits and returns its value or raises its exception here. For work
+    that runs outside the GIL, or beside a main thread that waits on the GPU: train_lora.py tokenises while the
+    model loads and compiles (the tokenizers backend and inductor's compile workers run outside the GIL; the
+    original recipe's 63,000 texts took 9-13 s after the compile on an H200, run 19), test_saved_lora.py imports
+    what its reports need while it evaluates. A daemon thread, not a ThreadPoolExecutor's: when the main thread
+    fails (out of memory loading the model, say), the process exits at once instead of waiting for it."""
+
+    def __init__(self, fn):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="lft-background", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
+            self._error = e
+
+    def join(self) -> None:
+        """Wait for fn to end; its value or exception stays for result()."""
+        self._thread.join()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def seconds_since_launch() -> float | None:
     """Seconds since this process started (the kernel's clock: interpreter start-up and imports included), or
     None where /proc does not say (not Linux)."""

@@ -95,6 +95,18 @@ def cjk_font() -> str | None:
     return sorted(system)[0] if system else None
 
 
+def warm_up() -> None:
+    """Import what the reports need, ahead of use: scikit-learn's metrics and matplotlib with its CJK font.
+    test_saved_lora.py runs this in a thread while its main thread waits on the GPU (~1 s of imports)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+
+    cjk_font()
+
+
 def confusion_figure(m: dict):
     """The confusion matrix as a matplotlib figure (row-normalised colours, counts in the cells), label names
     on the axes in a CJK font (ids when there is none)."""

@@ -172,6 +172,21 @@ def for_job(rt: Runtime, args, tokens: int, kind: str) -> tuple[Runtime, str | N
         f"start-up than they save (--compile on / --cuda_graphs on to force them)")
 
 
+def start_compile_workers(rt: Runtime) -> None:
+    """Start inductor's compile worker processes now, where the job will compile on a GPU, so they are up when the
+    first layer compiles. torch starts them only at the first compile, and until they answer it compiles every
+    Triton kernel one at a time in this process (torch._inductor.async_compile: a kernel goes to the pool only
+    once the pool is ready). Started at set-up, they come up beside the data and model loading. Honours
+    TORCH_WARM_POOL=0 and TORCHINDUCTOR_COMPILE_THREADS=1 as torch does."""
+    if not rt.compile or rt.device.type != "cuda":
+        return
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # a torch without it starts the pool at the first compile, as before
+        return
+    maybe_warm_pool()
+
+
 def for_capped_rows(rt: Runtime, args) -> tuple[Runtime, str | None]:
     """`rt` without CUDA graphs when the memory plan has capped the training rows (a card the wanted rows do not
     fit), where --cuda_graphs is 'auto' ('on' is obeyed: train_lora then sizes the graphs' pool for the widest

@@ -100,3 +100,20 @@ def test_capped_training_rows_turn_cuda_graphs_off_unless_forced(gpu):
     assert R.for_capped_rows(forced, flags(cuda_graphs="on")) == (forced, None)
     plain = R.resolve(flags(cuda_graphs="off"), dev, training=True)
     assert R.for_capped_rows(plain, flags(cuda_graphs="off")) == (plain, None)
+
+
+def test_compile_workers_start_at_set_up_only_where_the_job_compiles_on_a_gpu(gpu, monkeypatch):
+    """Inductor's worker pool is started at set-up when the layers will compile on a GPU (torch would start it only
+    at the first compile, and compile kernels one by one until it is up); never for an eager or CPU job."""
+    import torch._inductor.async_compile as ac
+
+    started = []
+    monkeypatch.setattr(ac, "maybe_warm_pool", lambda: started.append(True))
+    dev = gpu(9, 0)
+    R.start_compile_workers(R.resolve(flags(), dev, training=True))
+    assert started == [True]
+    small, _ = R.for_job(R.resolve(flags(), dev, training=True), flags(), 1000, "training")
+    R.start_compile_workers(small)
+    R.start_compile_workers(R.resolve(flags(compile="off"), dev, training=True))
+    R.start_compile_workers(R.resolve(flags(compile="on"), torch.device("cpu"), training=True))
+    assert started == [True]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import UserError
+from .common import UserError, gc_paused
 from .tables import is_missing, read_table_rows
 
 from .labels import DEFAULT_LABELS, clean_label, parse_labels  # noqa: F401  (re-exported)
@@ -112,6 +112,7 @@ def _as_text(value) -> str:
     return str(value)
 
 
+@gc_paused()  # builds ~10 objects per row: cyclic collections walking torch's objects cost ~1/3 of the read
 def load_split(path, labels=DEFAULT_LABELS, text_column="text_cn", label_column="extracted_label",
                require_labels: bool = True, labels_from: str = "--labels") -> Split:
     """Read one data file and validate every row; each problem names the file, the rows and the fix.

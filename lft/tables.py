@@ -21,7 +21,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from .common import UserError, atomic_path, lazy_import
+from .common import UserError, atomic_path, gc_paused, lazy_import
 
 pd = lazy_import("pandas")  # loaded on first use: the scripts that read tables answer --help at once
 
@@ -54,10 +54,17 @@ def _need(module: str, why: str):
 
 def is_missing(value) -> bool:
     """None, NaN, pd.NA, NaT (pandas' and numpy's): a cell with no value."""
-    if isinstance(value, str):  # nearly every cell of a data file: decided without touching pandas
-        return False
-    if value is None or value is pd.NA or value is pd.NaT:
+    kind = type(value)
+    if kind is str or kind is int or kind is bool:  # nearly every cell of a data file (texts, label ids, flags):
+        return False                                # decided without touching pandas
+    if value is None:
         return True
+    if kind is float:
+        return math.isnan(value)
+    if value is pd.NA or value is pd.NaT:
+        return True
+    if isinstance(value, str):  # str subclasses (numpy's str_)
+        return False
     if isinstance(value, float):
         return math.isnan(value)
     try:
@@ -76,6 +83,7 @@ def read_table(path) -> pd.DataFrame:
     return read_table_rows(path)[0]
 
 
+@gc_paused()  # builds ~10 objects per row: cyclic collections walking torch's objects cost ~1/3 of the read
 def read_table_rows(path) -> tuple[pd.DataFrame, list[int]]:
     """The table and, for each data row, where a user finds it: the csv/jsonl line, the sheet row (header
     rows and blank lines counted), or the record number of a parquet file."""
@@ -101,7 +109,7 @@ def read_table_rows(path) -> tuple[pd.DataFrame, list[int]]:
         raise UserError(f"{path}: cannot read as {fmt[1:]} ({first[:300]})") from None
     _check_header(path, fmt, header)
     width = len(header)
-    keep = [k for k, r in enumerate(rows) if any(v is not None for v in r)]  # a row with no value at all is
+    keep = [k for k, r in enumerate(rows) if r.count(None) < len(r)]  # a row with no value at all is
     if len(keep) < len(rows):                                                # skipped, like a blank line
         rows, where = [rows[k] for k in keep], [where[k] for k in keep]
     df = pd.DataFrame([list(r) + [None] * (width - len(r)) for r in rows], columns=header, dtype=object)
@@ -373,7 +381,7 @@ def _read_jsonl(path: Path):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line, object_pairs_hook=_unique_keys)
+                    record = _JSONL.decode(line)
                 except ValueError as e:
                     raise UserError(f"{path}: line {line_no}: not a JSON object ({e}); one object per line") from None
                 if not isinstance(record, dict):
@@ -390,11 +398,15 @@ def _read_jsonl(path: Path):
 
 
 def _unique_keys(pairs):
-    keys = [k for k, _ in pairs]
-    dup = next((k for k in keys if keys.count(k) > 1), None)
-    if dup is not None:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(f"the key {dup!r} appears twice in one object")
-    return dict(pairs)
+    return record
+
+
+_JSONL = json.JSONDecoder(object_pairs_hook=_unique_keys)  # one decoder: json.loads builds one per call
 
 
 # --- .parquet -------------------------------------------------------------------------------------------------

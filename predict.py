@@ -212,7 +212,7 @@ def progress(args, total, desc):
 
 
 def load_classifier(args, out, job_tokens: int | None = None):
-    """The classifier; `job_tokens` (files: from the scan) lets a small job skip compiling and CUDA graphs."""
+    """The classifier; `job_tokens` (files: from the scan) lets a small job skip compiling."""
     from lft.predict import Classifier
 
     t = time.perf_counter()

@@ -264,8 +264,9 @@ def build_checkpoint_folder(folder: Path) -> Path:
 
 
 def fast_path(flags) -> list[str]:
-    """A bench-sized run is a small job, for which auto turns compile and graphs off (lft.runtime.for_job): the
-    rows that measure the defaults' steady state force them, unless the row itself sets the flag."""
+    """A bench-sized run is a small job, for which auto turns compile off (and in training, graphs too:
+    lft.runtime.for_job): the rows that measure the defaults' steady state force both, unless the row itself sets
+    the flag."""
     return [x for flag in ("--compile", "--cuda_graphs") if flag not in flags for x in (flag, "on")]
 
 

@@ -141,20 +141,23 @@ def resolve(args, device: torch.device, world: int = 1, training: bool = False) 
                    step_graphs=graphs and training and world == 1)
 
 
-# Small jobs: the fast path (compiled layers + CUDA graphs) costs a fixed start-up and pays per token. Measured on
-# an H200 with the Qwen3-1.7B shape (bench/RESULTS.md, issue 13, runs 19-20): evaluation runs ~95k real tokens/s
-# without it and ~170k with it, and compiling + capturing cost ~7.5 s with a cold compile cache (the evaluation
-# graph 6.4 s): even at ~1.6M real tokens. Training runs ~20k tokens/s without and ~62k with, and compiling cold
-# costs ~20 s (the training graph; 4.9 s warm) plus the evaluation graph and the captures, ~25 s in all: even at
-# ~750k tokens (~250 optimizer steps of the original recipe). Before run 19 the training graph took 104 s cold to
+# Small jobs: compiling costs a fixed start-up and pays per token. Measured on an H200 with the Qwen3-1.7B shape
+# (bench/RESULTS.md, issue 13): evaluation runs ~95k real tokens/s with CUDA graphs and no compile, ~170k compiled,
+# and compiling costs ~7.5 s with a cold compile cache (runs 4, 19-20): even at ~1.6M real tokens. Below that a job
+# keeps its evaluation graphs (capturing a few row shapes costs little, and they spare the Python launch cost of
+# eager layers: 3,000 texts in 14.6-14.8 s wall against 17.4-20.0 s eager, run 26). Training runs ~20k tokens/s
+# without the fast path and ~62k with it, and compiling cold costs ~20 s (the training graph; 4.9 s warm) plus the
+# evaluation graph and the captures, ~25 s in all: even at ~750k tokens (~250 optimizer steps of the original
+# recipe); a small training job turns compile and graphs off. Before run 19 the training graph took 104 s cold to
 # compile (float attributes as graph inputs, qwen3_classification_direct.compile_decoder_layers) and these were
 # 2.5M and 3M. A cold cache is assumed, so auto is never slower than --compile off --cuda_graphs off.
 SMALL_JOB_TOKENS = {"evaluation": 1_600_000, "training": 750_000}
 
 
 def for_job(rt: Runtime, args, tokens: int, kind: str) -> tuple[Runtime, str | None]:
-    """`rt` with compile and CUDA graphs off when the job is too small for them to pay (only where their flags
-    are 'auto'; 'on' is obeyed), and the line that says so; `tokens`: the real tokens the job will process."""
+    """`rt` without the parts of the fast path a job is too small to pay for (only where their flags are 'auto';
+    'on' is obeyed), and the line that says so; `tokens`: the real tokens the job will process. An evaluation
+    turns compile off and keeps its CUDA graphs; a training run turns both off."""
     import dataclasses
 
     if rt.device.type != "cuda" or tokens >= SMALL_JOB_TOKENS[kind]:
@@ -162,14 +165,17 @@ def for_job(rt: Runtime, args, tokens: int, kind: str) -> tuple[Runtime, str | N
     off = {}
     if rt.compile and args.compile == "auto":
         off["compile"] = False
-    if (rt.eval_graphs or rt.step_graphs) and args.cuda_graphs == "auto":
+    if kind == "training" and (rt.eval_graphs or rt.step_graphs) and args.cuda_graphs == "auto":
         off.update(eval_graphs=False, step_graphs=False)
     if not off:
         return rt, None
-    what = " and ".join(x for x, k in (("compile", "compile"), ("CUDA graphs", "eval_graphs")) if k in off)
+    if len(off) == 1:
+        what, force = "compile off, it would cost more start-up than it saves", "--compile on forces it"
+    else:
+        what, force = ("compile and CUDA graphs off, they would cost more start-up than they save",
+                       "--compile on / --cuda_graphs on force them")
     return dataclasses.replace(rt, **off), (
-        f"small {kind} job ({tokens:,} tokens < {SMALL_JOB_TOKENS[kind]:,}): {what} off, they would cost more "
-        f"start-up than they save (--compile on / --cuda_graphs on to force them)")
+        f"small {kind} job ({tokens:,} tokens < {SMALL_JOB_TOKENS[kind]:,}): {what} ({force})")
 
 
 def start_compile_workers(rt: Runtime) -> None:

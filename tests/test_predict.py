@@ -192,7 +192,7 @@ def test_bad_input_is_one_line_and_writes_nothing(model, table, tmp_path, capsys
 def test_the_job_size_from_the_scan_reaches_the_small_job_rule(model, tmp_path, monkeypatch, capsys):
     """predict.py counts the texts' characters (each up to max_length: about the tokens the model reads) while it
     scans the file, and hands them to Classifier.load, whose small-job rule (lft.runtime.for_job) turns compiling
-    and CUDA graphs off on a GPU for a job too small to pay for them; stdin's size is unknown: none is given."""
+    off on a GPU for a job too small to pay for it; stdin's size is unknown: none is given."""
     from lft import runtime as R
 
     texts = ["短" * 10, "长" * 500, "中" * 30]
@@ -202,12 +202,12 @@ def test_the_job_size_from_the_scan_reaches_the_small_job_rule(model, tmp_path, 
 
     def for_job(rt, args, tokens, kind):
         seen.append((tokens, kind))
-        return rt, f"small {kind} job ({tokens:,} tokens): compile and CUDA graphs off (test)"
+        return rt, f"small {kind} job ({tokens:,} tokens): compile off (test)"
     monkeypatch.setattr(R, "for_job", for_job)
     capsys.readouterr()
     assert run(model, "--input", src, "--output", tmp_path / "o.csv") == 0
     assert seen == [(10 + 64 + 30, "evaluation")]  # the adapter's max_length is 64
-    assert "note: small evaluation job (104 tokens): compile and CUDA graphs off (test)" in capsys.readouterr().out
+    assert "note: small evaluation job (104 tokens): compile off (test)" in capsys.readouterr().out
     seen.clear()
     assert run(model, "--input", src, "--output", tmp_path / "o2.csv", "--max_length", 20) == 0
     assert seen == [(10 + 20 + 20, "evaluation")]

@@ -109,10 +109,11 @@ def run(args, d) -> int:
             merged.update(part)
     finally:  # an error exits only after the imports end: a thread cut off mid-import can crash the exit
         if reports is not None:
+            # join, not result(): a failed warm-up is no error here; the import fails again where a report needs
+            # it, after test_results.json is written, as it would without the warm-up
             reports.join()
     if not d.main:
         return 0
-    reports.result()
     P = torch.stack([merged[i] for i in sorted(merged)]).float().numpy()
     if not np.isfinite(P).all():
         raise UserError(f"--lora_model {args.lora_model}: the model gives non-finite probabilities; its weights or "

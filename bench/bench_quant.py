@@ -13,6 +13,8 @@ serving batches of 1, 8 and 64 texts. Prints a markdown table and writes bench_q
     python bench/bench_quant.py --only "bf16,fp8 row"             # a subset (bf16 probabilities are kept
                                                                   #   in --workdir for agreement)
     python bench/bench_quant.py --quick                           # CPU smoke test: tiny checkpoint, int8 rows
+    python bench/bench_quant.py --cpu_crossover                   # CPU: int8 against fp32 by tokens per forward
+                                                                  #   (a Qwen3-1.7B-shaped MLP; the serving note)
 
 Targets (issue 12): fp8 >= 1.3x bf16 throughput (stretch 1.5x) with >= 99% label agreement; int8 with peak
 memory <= 0.6x bf16, never slower than bf16 where it is offered. Run 11 measured int8 weight-only on the H200
@@ -307,6 +309,50 @@ def verdicts(rows, base_name) -> list[str]:
     return lines
 
 
+def cpu_crossover(threads: int, out: Path) -> int:
+    """int8 (the product's config) against fp32 on the CPU, one Qwen3-1.7B-shaped MLP (2048 -> 2 x 6144 -> 2048),
+    by tokens per forward: where int8 stops being slower (lft.quantize.INT8_CPU_MIN_TOKENS, serve.py's note)."""
+    from lft.quantize import config_for, quantize_with
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    class MLP(torch.nn.Module):  # named like a decoder layer's, so the product's filter quantises it
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Module()])
+            mlp = self.layers[0].mlp = torch.nn.Module()
+            mlp.gate_proj, mlp.up_proj = (torch.nn.Linear(2048, 6144, bias=False) for _ in range(2))
+            mlp.down_proj = torch.nn.Linear(6144, 2048, bias=False)
+
+        def forward(self, x):
+            mlp = self.layers[0].mlp
+            return mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    fp32, int8 = MLP().eval(), MLP().eval()
+    int8.load_state_dict(fp32.state_dict())
+    assert len(quantize_with(int8, config_for("int8"))) == 3
+
+    def ms(f, x, reps=7):
+        f(x)
+        t = time.perf_counter()
+        for _ in range(reps):
+            f(x)
+        return (time.perf_counter() - t) / reps * 1e3
+
+    rows = []
+    print(f"int8 against fp32, Qwen3-1.7B-shaped MLP, {threads} thread(s)\n\n| tokens per forward | fp32 ms | int8 ms "
+          "| int8 speed |\n|---|---|---|---|")
+    with torch.inference_mode():
+        for tokens in (8, 32, 70, 128, 256, 512, 1024):
+            x = torch.randn(tokens, 2048)
+            a, b = ms(fp32, x), ms(int8, x)
+            rows.append({"tokens": tokens, "fp32_ms": a, "int8_ms": b})
+            print(f"| {tokens} | {a:.1f} | {b:.1f} | {a / b:.2f}x |", flush=True)
+    (out / "bench_quant_cpu_crossover.json").write_text(json.dumps({"threads": threads, "rows": rows}, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny checkpoint, 240 texts, int8 rows")
@@ -315,9 +361,13 @@ def main(argv=None) -> int:
     p.add_argument("--texts", type=int, default=3000, help="texts evaluated per variant")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where bench_quant.json goes")
     p.add_argument("--workdir", default="/tmp/lft_bench", help="checkpoint, adapter and bf16 probabilities")
+    p.add_argument("--cpu_crossover", type=int, nargs="?", const=torch.get_num_threads(), default=None,
+                   metavar="THREADS", help="instead: int8 against fp32 on the CPU by tokens per forward")
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.cpu_crossover is not None:
+        return cpu_crossover(args.cpu_crossover, out)
     work.mkdir(parents=True, exist_ok=True)
     gpu = not args.quick
     if gpu and not torch.cuda.is_available():

@@ -21,9 +21,9 @@ The modes:
         throughput; layers 2-27 only, 99.17% at 1.32x; leaving the last four layers bf16 instead changed nothing
         (98.4%), and no faster accumulation or MLP-only choice got both 99% and 1.3x.
   int8  CPU only: int8 weights and dynamically quantised int8 activations, row-wise scales (int8 matmuls; base
-        weights at a quarter of fp32; a Qwen3-1.7B MLP on one core: 1.3x fp32 at 512 tokens, slower for a few
-        tokens, where the per-token quantisation costs more than it saves; weight-only was slower than fp32 at
-        every size). Refused on a GPU, where neither of torchao 0.18's int8 forms beat bf16 at any batch size
+        weights at a quarter of fp32; a Qwen3-1.7B MLP on a 2-core CPU: slower than fp32 under ~128 tokens per
+        forward, where the per-token quantisation costs more than it saves, 1.2-2.6x fp32 at 256-1,024 tokens:
+        serve.py warns (serving_note); weight-only was slower than fp32 at every size). Refused on a GPU, where neither of torchao 0.18's int8 forms beat bf16 at any batch size
         on a whole 1.7B-shaped model (H200, bench/RESULTS.md): weight-only ran at 0.3k tokens/s against 153k,
         one text in 410 ms against 4.5 ms (run 11); dynamic activations at 0.87x bf16's throughput, 1 / 8 / 64
         texts in 4.7 / 6.2 / 41.2 ms against 4.1 / 5.1 / 35.8 (run 13), with weights at 0.61x bf16's (0.52x
@@ -40,6 +40,10 @@ torch = lazy_import("torch")  # loaded on first use: scripts declare --quantize 
 QUANTIZE_CHOICES = ("none", "int8", "fp8")
 TORCHAO_VERSION = "0.18.0"  # pinned in requirements-dev.txt; works with torch 2.11 (CUDA) and 2.13 (CPU)
 FP8_MIN_CAPABILITY = (8, 9)
+# int8 on the CPU is slower than fp32 below about this many tokens per forward (the per-token quantisation costs
+# more than the int8 matmul saves): a Qwen3-1.7B-shaped MLP on a 2-core CPU ran 0.25-0.85x fp32 at 8-70 tokens,
+# 1.05-1.16x at 128, 1.2-2.6x at 256-1,024 (bench/bench_quant.py --cpu_crossover; bench/RESULTS.md)
+INT8_CPU_MIN_TOKENS = 128
 FP8_BF16_LAYERS = 2  # the first decoder layers stay bf16 under fp8 (a quarter of the layers at most: see fp8 above)
 # the base projections of a decoder layer, plain (merged folder) or inside a peft LoRA layer (".base_layer")
 BASE_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
@@ -90,6 +94,16 @@ def check_quantize(args, device, problems: list[str]) -> None:
                         "measured (H200, torchao 0.18: weight-only one text 410 ms against 4.5 ms; dynamic "
                         "activations 0.87x bf16's throughput, 64 texts 41.2 against 35.8 ms; bench/RESULTS.md runs "
                         "11 and 13); use --quantize fp8 for speed (compute capability >= 8.9) or none")
+
+
+def serving_note(mode: str, device) -> str | None:
+    """serve.py's warning for --quantize int8 on the CPU: a server's forwards are as small as one request when
+    requests come one at a time, and under INT8_CPU_MIN_TOKENS int8 is slower than fp32 there."""
+    if mode != "int8" or _gpu(device) is not None:
+        return None
+    return (f"--quantize int8 on CPU is a memory option for a server: it is slower than fp32 for forwards under "
+            f"~{INT8_CPU_MIN_TOKENS} tokens (0.25-0.85x at 8-70 tokens), which a lone short request is, and faster "
+            "from there (1.2-2.6x at 256-1,024 tokens; requests arriving together are batched)")
 
 
 def import_torchao():

@@ -394,3 +394,21 @@ def _state(pid: int) -> bytes:
         return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
     except OSError:
         return b"Z"
+
+
+def test_int8_server_warns_that_lone_requests_run_slower_and_answers_as_the_int8_api(adapter_dir, texts):
+    """--quantize int8 on CPU: slower than fp32 for forwards under ~128 tokens (lft.quantize.INT8_CPU_MIN_TOKENS),
+    which a lone request is, so serve.py says so at start; it serves the int8 model's probabilities."""
+    from lft.predict import Classifier
+    from lft.quantize import INT8_CPU_MIN_TOKENS
+
+    s = Server("--lora_model", str(adapter_dir), "--quantize", "int8", "--http_workers", "1")
+    try:
+        note = [x for x in s.lines if x.startswith("note: --quantize int8 on CPU")]
+        assert len(note) == 1 and f"slower than fp32 for forwards under ~{INT8_CPU_MIN_TOKENS} tokens" in note[0]
+        r = s.client.post("/classify", json={"input": texts[:4]})
+        assert r.status_code == 200
+        want = Classifier.load(adapter_dir, device="cpu", quantize="int8").predict_proba(texts[:4])
+        np.testing.assert_allclose([row["probs"] for row in r.json()["data"]], want, atol=1e-5, rtol=0)
+    finally:
+        s.stop()

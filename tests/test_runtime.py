@@ -75,6 +75,8 @@ def test_small_jobs_skip_the_fast_path_unless_forced(gpu):
     assert not small.compile and small.eval_graphs and small.attn == R.VARLEN and small.packing
     assert note == ("small evaluation job (250,000 tokens < 1,600,000): compile off, it would cost more start-up "
                     "than it saves (--compile on forces it)")
+    # what auto runs is exactly what the flags that say so give: the same runtime, so the same code from here on
+    assert small == R.resolve(flags(compile="off", cuda_graphs="on"), dev, training=False)
     no_graphs = R.resolve(flags(cuda_graphs="off"), dev, training=False)
     assert R.for_job(no_graphs, flags(cuda_graphs="off"), 250_000, "evaluation")[0].eval_graphs is False
     train = R.resolve(flags(), dev, training=True)

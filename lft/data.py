@@ -428,9 +428,10 @@ def _slots(n_texts: int, n_tokens: int, width: int, max_len: int) -> int:
 def eval_shape(n_texts: int, n_tokens: int, max_len: int, cap: int | None = None) -> tuple[int, int]:
     """(width, slots) of an evaluation row. Rows of up to SMALL_ROW_TOKENS (one request, say) come in widths of
     TRAIN_ROW_STEP: little padding compute. Larger rows come in few shapes, so a long job captures a handful of
-    CUDA graphs and runs few rows eagerly: widths in quarter octaves, 2048, 2560, 3072, 3584, 4096, 5120, ... (at most a fifth
-    padding; from 2,048 to 4,096 tokens the steps of 512 of smaller rows' EVAL_ROW_STEP), never past `cap` (the
-    rows' token budget, rounded up to EVAL_ROW_STEP), so every full row of a long job has the one width `cap`.
+    CUDA graphs and runs few rows eagerly: widths in quarter octaves, 2048, 2560, 3072, 3584, 4096, 5120, ... (at
+    most a fifth padding; from 2,048 to 4,096 tokens the steps of 512 of smaller rows' EVAL_ROW_STEP), never past
+    `cap` (the rows' token budget, rounded up to EVAL_ROW_STEP), so every full row of a long job has the one width
+    `cap`.
     Slots are a power of two over the texts and, for a full row, at least width / 16: every full row of texts
     averaging 16 or more tokens then has the one count too (the unused slots are empty samples, next to free)."""
     if n_tokens <= SMALL_ROW_TOKENS:

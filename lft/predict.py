@@ -37,8 +37,7 @@ from .labels import choose_labels, parse_thresholds  # noqa: F401  (the API's th
 from .runtime import Runtime, autocast
 
 
-SMALL_ROW_TOKENS = D.SMALL_ROW_TOKENS
-COMPILE_ROW_TOKENS = 3000  # Classifier.load's compiling row: a large row (> SMALL_ROW_TOKENS), of few tokens
+COMPILE_ROW_TOKENS = 3000  # Classifier.load's compiling row: a large row (> D.SMALL_ROW_TOKENS), of few tokens
 
 
 class Predictor:

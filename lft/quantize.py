@@ -23,8 +23,9 @@ The modes:
   int8  CPU only: int8 weights and dynamically quantised int8 activations, row-wise scales (int8 matmuls; base
         weights at a quarter of fp32; a Qwen3-1.7B MLP on a 2-core CPU: slower than fp32 under ~128 tokens per
         forward, where the per-token quantisation costs more than it saves, 1.2-2.6x fp32 at 256-1,024 tokens:
-        serve.py warns (serving_note); weight-only was slower than fp32 at every size). Refused on a GPU, where neither of torchao 0.18's int8 forms beat bf16 at any batch size
-        on a whole 1.7B-shaped model (H200, bench/RESULTS.md): weight-only ran at 0.3k tokens/s against 153k,
+        serve.py warns (serving_note); weight-only was slower than fp32 at every size). Refused on a GPU, where
+        neither of torchao 0.18's int8 forms beat bf16 at any batch size on a whole 1.7B-shaped model (H200,
+        bench/RESULTS.md): weight-only ran at 0.3k tokens/s against 153k,
         one text in 410 ms against 4.5 ms (run 11); dynamic activations at 0.87x bf16's throughput, 1 / 8 / 64
         texts in 4.7 / 6.2 / 41.2 ms against 4.1 / 5.1 / 35.8 (run 13), with weights at 0.61x bf16's (0.52x
         with int8 embeddings too, which were slower still). fp8 is the GPU option.

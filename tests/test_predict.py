@@ -366,6 +366,7 @@ def test_a_compiled_classifier_compiles_while_loading(model, tmp_path, monkeypat
     server's warm-up does, and predict.py's load line says how long it took. Compiling itself is the GPU's
     (inductor on CPU takes ~40 s): here torch.compile is replaced by a no-op that leaves the forward counted."""
     import qwen3_classification_direct as qcd
+    from lft import data as D
     from lft import predict as P
 
     rows = []
@@ -379,7 +380,7 @@ def test_a_compiled_classifier_compiles_while_loading(model, tmp_path, monkeypat
     clf = Classifier.load(model, device="cpu", args=P.runtime_args("cpu", compile="on"))
     assert clf.runtime.compile and clf.compile_seconds > 0
     assert len(rows) == 1 and max(rows[0]) <= clf.max_length
-    assert P.SMALL_ROW_TOKENS < sum(rows[0]) <= P.COMPILE_ROW_TOKENS
+    assert D.SMALL_ROW_TOKENS < sum(rows[0]) <= P.COMPILE_ROW_TOKENS
     assert Classifier.load(model, device="cpu").compile_seconds == 0  # compile off (auto on CPU): no extra row
     src = tmp_path / "in.csv"
     pd.DataFrame({"text_cn": ["好"]}).to_csv(src, index=False)

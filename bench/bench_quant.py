@@ -15,6 +15,12 @@ serving batches of 1, 8 and 64 texts. Prints a markdown table and writes bench_q
     python bench/bench_quant.py --quick                           # CPU smoke test: tiny checkpoint, int8 rows
     python bench/bench_quant.py --cpu_crossover                   # CPU: int8 against fp32 by tokens per forward
                                                                   #   (a Qwen3-1.7B-shaped MLP; the serving note)
+    python bench/bench_quant.py --cpu_memory                      # CPU: int8 against fp32 and bf16, whole
+                                                                  #   1.7B-shaped model: resident memory and
+                                                                  #   small forwards
+    python bench/bench_quant.py --gpu_mlp                         # GPU: int8 forms against bf16 on that MLP by
+                                                                  #   tokens per forward, with and without
+                                                                  #   inductor's GEMM autotuning
 
 Targets (issue 12): fp8 >= 1.3x bf16 throughput (stretch 1.5x) with >= 99% label agreement; int8 with peak
 memory <= 0.6x bf16, never slower than bf16 where it is offered. Run 11 measured int8 weight-only on the H200
@@ -353,6 +359,221 @@ def cpu_crossover(threads: int, out: Path) -> int:
     return 0
 
 
+CPU_MEMORY_CHILD = """import json, statistics, sys, threading, time
+def vm(key):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(key + ':')).split()[1]) * 1024
+peak_anon = [0]
+def sample():  # the kernel keeps no peak of anonymous memory (VmHWM also counts the mapped checkpoint files)
+    while True:
+        peak_anon[0] = max(peak_anon[0], vm('RssAnon'))
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+import torch
+torch.manual_seed(0)
+from lft.predict import Classifier
+folder, ckpt, precision, quantize = sys.argv[1:5]
+base, base_anon = vm('VmRSS'), vm('RssAnon')
+t = time.perf_counter()
+clf = Classifier.load(folder, ckpt, device='cpu', precision=precision, quantize=quantize)
+load_s, loaded, loaded_anon, loaded_file = time.perf_counter() - t, vm('VmRSS'), vm('RssAnon'), vm('RssFile')
+load_peak, load_anon_peak = vm('VmHWM'), peak_anon[0]
+open('/proc/self/clear_refs', 'w').write('5')  # VmHWM starts again from here: the peak while classifying
+one = [torch.randint(1000, 100000, (70,)).tolist()]
+row = [torch.randint(1000, 100000, (64,)).tolist() for _ in range(8)]
+big = [torch.randint(1000, 100000, (256,)).tolist() for _ in range(8)]
+times = {}
+for name, ids, reps in (('one text of 70 tokens', one, 3), ('8 texts of 64 tokens', row, 2),
+                        ('8 texts of 256 tokens', big, 1)):
+    if ids is big:  # the peak over serving-sized forwards so far, then again over the largest
+        small_peak = vm('VmHWM')
+        open('/proc/self/clear_refs', 'w').write('5')
+    clf.proba_of_ids(ids)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter(); p = clf.proba_of_ids(ids); ts.append(time.perf_counter() - t)
+    times[name] = statistics.median(ts)
+time.sleep(0.02)
+print(json.dumps({'precision': precision, 'quantize': quantize, 'load_s': load_s, 'rss_libraries': base,
+                  'anon_libraries': base_anon, 'rss_loaded': loaded, 'anon_loaded': loaded_anon,
+                  'file_loaded': loaded_file, 'rss_load_peak': load_peak, 'anon_load_peak': load_anon_peak,
+                  'rss_peak_small': small_peak, 'rss_peak_classifying': max(small_peak, vm('VmHWM')),
+                  'anon_peak': peak_anon[0], 'anon_end': vm('RssAnon'),
+                  'seconds': times, 'probs': clf.proba_of_ids(one)[0].tolist()}))
+"""
+
+
+def cpu_memory(work: Path, out: Path, threads: int) -> int:
+    """int8 on the CPU against fp32 and bf16 on the whole Qwen3-1.7B shape (random bf16 checkpoint, as Qwen3's own
+    files store it, and a random adapter): each in its own process, resident memory with the libraries alone,
+    after loading and at its peak (VmHWM: the load's transients included), and the time of one 70-token text and
+    of 8 texts of 64 tokens (issue 12's int8 goal: peak memory <= 0.6x bf16)."""
+    import subprocess
+
+    import bench_gpu
+    from bench_predict import random_adapter
+
+    bench_gpu.DEV = torch.device("cpu")
+    ckpt = bench_gpu.build_checkpoint_folder(work / "qwen3-1.7b-shaped")
+    folder = random_adapter(ckpt, work / "full" / "random_adapter")
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH", "")) if x))
+    rows = []
+    for precision, quantize in (("fp32", "none"), ("bf16", "none"), ("auto", "int8")):
+        r = subprocess.run([sys.executable, "-c", CPU_MEMORY_CHILD, str(folder), str(ckpt), precision, quantize],
+                           capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            print(f"  FAILED {precision}/{quantize}: {r.stderr[-2000:]}", flush=True)
+            continue
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "probs"}), flush=True)
+        (out / "bench_quant_cpu_memory.json").write_text(json.dumps({"threads": threads, "rows": rows}, indent=2))
+    gib = lambda b: b / 2 ** 30  # noqa: E731
+    by = {(r["precision"], r["quantize"]): r for r in rows}
+    sizes = list(rows[0]["seconds"])
+    print(f"\nQwen3-1.7B shape on the CPU, {threads} thread(s); resident memory in GiB (what the process holds in "
+          "RAM: its own memory and the checkpoint file pages it maps; bf16 runs on the mapped file itself); "
+          f"libraries alone ~{gib(rows[0]['rss_libraries']):.2f}\n\n| mode | after loading | peak over forwards of "
+          "<= 512 tokens (vs fp32, vs bf16) | peak over 2,048 tokens (vs fp32, vs bf16) | peak while loading (of it "
+          "anonymous) | " + " | ".join(f"{n} s" for n in sizes) + " |\n|---|---|---|---|---|" + "---|" * len(sizes))
+    refs = (("fp32", "none"), ("bf16", "none"))
+    for k, r in by.items():
+        def cell(key):
+            ratios = ", ".join(f"{r[key] / by[ref][key]:.2f}x" for ref in refs if ref in by)
+            return f"{gib(r[key]):.2f} ({ratios})"
+        print(f"| {k[0] if k[1] == 'none' else k[1]} | {gib(r['rss_loaded']):.2f} | {cell('rss_peak_small')} | "
+              f"{cell('rss_peak_classifying')} | {gib(r['rss_load_peak']):.2f} ({gib(r['anon_load_peak']):.2f}) | "
+              + " | ".join(f"{r['seconds'][n]:.2f}" for n in sizes) + " |")
+    if ("fp32", "none") in by and ("auto", "int8") in by:
+        a, b = (np.array(by[k]["probs"]) for k in (("fp32", "none"), ("auto", "int8")))
+        print(f"\nint8 against fp32 on the 70-token text: max |dp| {np.abs(a - b).max():.4f}, same label: "
+              f"{a.argmax() == b.argmax()}")
+    return 0
+
+
+GPU_MLP_VARIANTS = {  # name -> (torchao config kind or None for bf16, inductor settings while compiling)
+    "bf16": (None, {}),
+    "int8 dynamic (the CPU product config)": ("int8_dynamic", {}),
+    "int8 weight-only": ("int8_weight_only", {}),
+    "fp8 row (the product's fp8)": ("fp8_row", {}),
+    # autotuning compiles for longer: last, so a cut-short run keeps the rows above
+    "int8 weight-only, max-autotune GEMMs": ("int8_weight_only", {"max_autotune_gemm": True}),
+    "int8 dynamic, max-autotune GEMMs": ("int8_dynamic", {"max_autotune_gemm": True}),
+    "bf16, max-autotune GEMMs": (None, {"max_autotune_gemm": True}),
+}
+GPU_MLP_TOKENS = (64, 512, 4096, 9216)
+
+
+def gpu_mlp(out: Path, only: list[str], tokens=GPU_MLP_TOKENS) -> int:
+    """int8 forms against bf16 on the GPU, one Qwen3-1.7B-shaped MLP (2048 -> 2 x 6144 -> 2048), compiled per
+    token count (dynamic=False, so each size gets its own kernels and autotuning), each call replayed as a CUDA
+    graph (as the product's rows are): milliseconds per forward by tokens, relative error against bf16, weight
+    memory. Inductor's autotuning of GEMMs (max_autotune_gemm) adds Triton templates that can fuse int8's
+    scales (epilogue) and weight-only's int8->bf16 cast (prologue) into the matmul; torch's default takes
+    cuBLAS. Which int8 form, if any, is not slower than bf16, and at which sizes (issue 12's int8 goal)?"""
+    import torch._inductor.config as icfg
+
+    from lft.quantize import quantize_with
+
+    dev = torch.device("cuda", 0)
+    torch._dynamo.config.cache_size_limit = 64
+    torch.manual_seed(0)
+
+    class MLP(torch.nn.Module):  # named like a decoder layer's, so the product's filter quantises it
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Module()])
+            mlp = self.layers[0].mlp = torch.nn.Module()
+            mlp.gate_proj, mlp.up_proj = (torch.nn.Linear(2048, 6144, bias=False) for _ in range(2))
+            mlp.down_proj = torch.nn.Linear(6144, 2048, bias=False)
+
+        def forward(self, x):
+            mlp = self.layers[0].mlp
+            return mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    ref = MLP().to(dev, torch.bfloat16).eval()
+    for lin in (ref.layers[0].mlp.gate_proj, ref.layers[0].mlp.up_proj, ref.layers[0].mlp.down_proj):
+        lin.weight.data.normal_(0, 0.02)
+    xs = {m: torch.randn(m, 2048, device=dev, dtype=torch.bfloat16) for m in tokens}
+    with torch.no_grad():
+        want = {m: ref(x).float() for m, x in xs.items()}
+
+    def replay_ms(f, x, reps=50):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                y = f(x)
+        torch.cuda.current_stream().wait_stream(s)
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                y = f(x)
+            run, how = g.replay, "graph"
+        except Exception as e:  # noqa: BLE001 - timed without a graph, and the row says so
+            print(f"    no CUDA graph ({type(e).__name__}: {str(e)[:120]})", flush=True)
+            run, how = (lambda: f(x)), "eager launch"
+        for _ in range(5):
+            run()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(5):
+            a.record()
+            for _ in range(reps):
+                run()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / reps)
+        return statistics.median(times), y, how
+
+    rows = []
+    for name, (kind, settings) in GPU_MLP_VARIANTS.items():
+        if only and name not in only:
+            continue
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        mlp = MLP().to(dev, torch.bfloat16).eval()
+        mlp.load_state_dict(ref.state_dict())
+        if kind:
+            quantize_with(mlp, raw_config(kind))
+        torch.cuda.empty_cache()
+        row = {"variant": name, "weights_mib": (torch.cuda.memory_allocated() - before) / 2 ** 20, "by_tokens": {}}
+        for m, x in xs.items():
+            t = time.perf_counter()
+            try:
+                with icfg.patch(**settings), torch.no_grad():
+                    f = torch.compile(mlp, dynamic=False)
+                    f(x)
+                    compile_s = time.perf_counter() - t
+                    ms, y, how = replay_ms(f, x)
+            except Exception as e:  # noqa: BLE001 - reported, the next size goes on
+                print(f"  FAILED {name} at {m} tokens: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            err = float((y.float() - want[m]).norm() / want[m].norm())
+            row["by_tokens"][m] = {"ms": ms, "rel_err": err, "compile_s": compile_s, "timed": how}
+            print(f"  {name}: {m} tokens {ms:.4f} ms, rel err {err:.4f}, compile {compile_s:.1f} s ({how})",
+                  flush=True)
+        rows.append(row)
+        (out / f"bench_quant_gpu_mlp_{'_'.join(map(str, tokens))}.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "rows": rows}, indent=2))
+        del mlp
+    base = next((r for r in rows if r["variant"] == "bf16"), None)
+    head = " | ".join(f"{m} tokens ms (vs bf16)" for m in tokens)
+    print(f"\n| variant | weights MiB | {head} | rel. error at {tokens[-1]} |\n|---" + "|---" * (len(tokens) + 2) + "|")
+    for r in rows:
+        cells = []
+        for m in tokens:
+            c = r["by_tokens"].get(m)
+            b = base and base["by_tokens"].get(m)
+            cells.append("-" if not c else f"{c['ms']:.4f}" + (f" ({b['ms'] / c['ms']:.2f}x)" if b else ""))
+        err = r["by_tokens"].get(tokens[-1], {}).get("rel_err")
+        print(f"| {r['variant']} | {r['weights_mib']:.0f} | {' | '.join(cells)} | "
+              f"{'-' if err is None else f'{err:.4f}'} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny checkpoint, 240 texts, int8 rows")
@@ -363,11 +584,25 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/lft_bench", help="checkpoint, adapter and bf16 probabilities")
     p.add_argument("--cpu_crossover", type=int, nargs="?", const=torch.get_num_threads(), default=None,
                    metavar="THREADS", help="instead: int8 against fp32 on the CPU by tokens per forward")
+    p.add_argument("--cpu_memory", type=int, nargs="?", const=torch.get_num_threads(), default=None,
+                   metavar="THREADS", help="instead: int8 against fp32 and bf16 on the CPU, whole 1.7B-shaped model: "
+                   "resident memory (peak included) and the time of small forwards")
+    p.add_argument("--gpu_mlp", action="store_true", help="instead: int8 forms against bf16 on the GPU, one "
+                   "Qwen3-1.7B-shaped MLP by tokens per forward (--only picks variants)")
+    p.add_argument("--tokens", type=lambda v: tuple(int(x) for x in v.split(",")), default=GPU_MLP_TOKENS,
+                   help="with --gpu_mlp: tokens per forward, comma-separated")
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
     if args.cpu_crossover is not None:
         return cpu_crossover(args.cpu_crossover, out)
+    if args.cpu_memory is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        return cpu_memory(work, out, args.cpu_memory)
+    if args.gpu_mlp:
+        if not torch.cuda.is_available():
+            p.error("--gpu_mlp needs a CUDA GPU")
+        return gpu_mlp(out, [x.strip() for x in args.only.split(";") if x.strip()], args.tokens)
     work.mkdir(parents=True, exist_ok=True)
     gpu = not args.quick
     if gpu and not torch.cuda.is_available():

@@ -8,6 +8,8 @@ functions that make it (so no phase holds import time); the parent times the who
     python bench/bench_startup.py                      # on the GPU if there is one, else the CPU
     python bench/bench_startup.py --runs 3 --stub_eval # evaluation replaced by random probabilities (the rest)
     python bench/bench_startup.py -- --bf16            # flags after -- go to test_saved_lora.py
+    python bench/bench_startup.py --runs 3 --settings "--compile auto --cuda_graphs auto;--cuda_graphs on"
+                                                       # phases of two settings, run in turn
     python bench/bench_startup.py --small_jobs         # the whole command's wall time: auto flags, then eager
     python bench/bench_startup.py --train              # train_lora.py: launch to first optimizer step
 
@@ -97,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--small_jobs", action="store_true", help="whole-command wall time, auto flags vs eager")
     p.add_argument("--train", action="store_true", help="train_lora.py from launch to its first optimizer step")
     p.add_argument("--profile", action="store_true", help="with --train: a third, warm run's set-up under cProfile")
+    p.add_argument("--settings", default="", help="flag sets separated by ';', each run in turn after the default "
+                   "--compile off --cuda_graphs off (e.g. '--compile auto --cuda_graphs auto;--cuda_graphs on')")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, extra = p.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
@@ -122,21 +126,28 @@ def main(argv=None) -> int:
            "--lora_model", str(adapter), "--checkpoint", str(ckpt), "--test_data", str(data),
            "--output_dir", str(work / "startup_eval"), "--no_progress", "--compile", "off", "--cuda_graphs", "off",
            *extra]
+    settings = [s.split() for s in args.settings.split(";")] if args.settings else [[]]
     runs = []
-    for _ in range(args.runs):
+    for i in range(args.runs * len(settings)):  # with --settings: each in turn, --runs times
+        flags = settings[i % len(settings)]
         t = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+        r = subprocess.run([*cmd, *flags], capture_output=True, text=True, env=child_env())
         wall, ended = time.perf_counter() - t, time.time()
         if r.returncode != 0:
             raise SystemExit(f"test_saved_lora.py failed ({r.returncode}):\n{r.stderr[-3000:]}")
         res = json.loads(r.stderr.strip().splitlines()[-1])
-        runs.append({**res["times"], "interpreter exit": ended - res["end"], "wall": wall})
+        runs.append({"setting": " ".join(flags), **res["times"], "interpreter exit": ended - res["end"],
+                     "wall": wall})
+        print(json.dumps(runs[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\ntest_saved_lora.py, {args.texts:,} texts, Qwen3-1.7B-shaped on {device}, {' '.join(extra) or 'defaults'}"
           f"{', evaluation stubbed' if args.stub_eval else ''}; median of {args.runs} run(s), seconds\n")
-    print("| phase | s |\n|---|---|")
+    names = [" ".join(f) for f in settings]
+    print("| phase | " + " | ".join(n or "s" for n in names) + " |\n|---" + "|---" * len(names) + "|")
     for key in runs[0]:
-        print(f"| {key} | {statistics.median(r[key] for r in runs):.2f} |")
+        if key != "setting":
+            print(f"| {key} | " + " | ".join(
+                f"{statistics.median(r.get(key, 0.0) for r in runs if r['setting'] == n):.2f}" for n in names) + " |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_startup.json").write_text(json.dumps(
         {"device": device, "texts": args.texts, "stub_eval": args.stub_eval, "extra": extra, "runs": runs}, indent=2))

@@ -8,7 +8,10 @@
 #   train     bench/bench_gpu.py default rows (--skip ref --quick)
 #   memory    bench/bench_memory.py (capped-memory runs of the original recipe; MEMORY_FLAGS adds flags)
 #   compile   bench/bench_compile.py (where compile time goes; COMPILE_VARIANTS selects variants, COMPILE_FLAGS adds flags)
-#   startup   bench/bench_startup.py (where a one-off test_saved_lora.py's wall time goes; STARTUP_RUNS runs)
+#   startup   bench/bench_startup.py (where a one-off test_saved_lora.py's wall time goes; STARTUP_RUNS runs;
+#             STARTUP_SETTINGS: flag sets separated by ';', run in turn)
+#   kernels   bench/bench_kernels.py (GPU time of a training step and an evaluation by kernel and GEMM shape)
+#   int8mlp   bench/bench_quant.py --gpu_mlp (int8 forms against bf16 on one MLP by tokens per forward)
 #   small     bench/bench_startup.py --small_jobs (test_saved_lora.py on 3,000 texts, auto vs eager; STARTUP_RUNS)
 #   firststep bench/bench_startup.py --train (train_lora.py, original recipe: launch to step 1, cold and warm;
 #             STARTUP_PROFILE=1: a third run's set-up under cProfile)
@@ -42,13 +45,15 @@ for spec in "$@"; do
     train)   cmd=(python3 bench/bench_gpu.py --skip ref --quick --out "$OUT/train") ;;
     memory)  cmd=(python3 bench/bench_memory.py --out "$OUT/memory" ${MEMORY_FLAGS:-}) ;;
     compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}" ${COMPILE_FLAGS:-}) ;;
-    startup) cmd=(python3 bench/bench_startup.py --runs "${STARTUP_RUNS:-2}" --out "$OUT/startup") ;;
+    startup) cmd=(python3 bench/bench_startup.py --runs "${STARTUP_RUNS:-2}" --settings "${STARTUP_SETTINGS:-}" --out "$OUT/startup") ;;
+    kernels) cmd=(python3 bench/bench_kernels.py --out "$OUT/kernels") ;;
+    int8mlp) cmd=(python3 bench/bench_quant.py --gpu_mlp --out "$OUT/int8mlp" --only "${QUANT_ONLY:-}" --tokens "${MLP_TOKENS:-64,512,4096,9216}") ;;
     small)   cmd=(python3 bench/bench_startup.py --small_jobs --runs "${STARTUP_RUNS:-2}" --out "$OUT/small") ;;
     firststep) cmd=(python3 bench/bench_startup.py --train ${STARTUP_PROFILE:+--profile} --out "$OUT/firststep") ;;
     full)    cmd=(python3 bench/bench_gpu.py --full_recipe --out "$OUT/full") ;;
     *) echo "unknown phase $phase"; continue ;;
   esac
-  case $phase in tests|quant) path=/tmp/site-quant:$PYTHONPATH ;; *) path=$PYTHONPATH ;; esac
+  case $phase in tests|quant|int8mlp) path=/tmp/site-quant:$PYTHONPATH ;; *) path=$PYTHONPATH ;; esac
   PYTHONPATH=$path timeout -k 10 "$limit" "${cmd[@]}" > "$OUT/$phase.log" 2>&1
   echo "exit $? after $SECONDS s"; tail -n 25 "$OUT/$phase.log"
 done

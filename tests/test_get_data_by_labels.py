@@ -545,10 +545,17 @@ def test_rank_key_is_pinned():
     assert gdl.rank_key(123, "你好", "a") == 0x04d0827317335a44ee9a7fb4c4297fbb94111931cc151f43
 
 
+def _ctrl_c_as_in_a_terminal():
+    """A suite started in the background by a shell (`nohup pytest ... &`) ignores SIGINT, and children inherit
+    that: the demo server would never see the Ctrl-C this test sends it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_demo_server(cwd: Path, env: dict, *flags):
     """tools/demo_mongo.py running, and its output up to the line that says it serves."""
     demo = subprocess.Popen([sys.executable, str(REPO / "tools" / "demo_mongo.py"), *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
+                            stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     lines = []
     for line in demo.stdout:
         lines.append(line)

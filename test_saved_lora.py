@@ -20,7 +20,7 @@ from pathlib import Path
 from lft import runtime as R
 from lft.common import (ArgumentParser, Background, HelpFormatter, UserError, exit_script, explain_oom, lazy_import,
                         redact, write_json)
-from lft.quantize import add_quantize_arg, check_quantize, describe, quantize_model
+from lft.quantize import add_quantize_arg, bf16_note, check_quantize, describe, load_dtype, quantize_model
 
 # torch and everything built on it load on first use: --help and flag errors answer at once
 np, torch = lazy_import("numpy"), lazy_import("torch")
@@ -81,16 +81,17 @@ def run(args, d) -> int:
     split = D.load_split(args.test_data, labels, args.text_column, args.label_column,
                          labels_from=f"the adapter {Path(args.lora_model) / 'classifier_config.json'}")
     outdir.check_output_dir(out, resuming=True)
-    model, tokenizer, meta = adapter.load_classifier(args.checkpoint, args.lora_model, rt.weight_dtype, rt.attn,
-                                                     d.device)
+    model, tokenizer, meta = adapter.load_classifier(args.checkpoint, args.lora_model, load_dtype(args.quantize, rt),
+                                                     rt.attn, d.device)
     quantize_model(model, args.quantize, rt)  # on the device, before compiling
     max_length = args.max_length or meta["max_length"]
     D.tokenize_split(split, tokenizer, max_length, show=d.main and not args.no_progress)
     for line in split.notes:
         dist.print0(f"warning: {line}")
     rt, note = R.for_job(rt, args, int(split.lengths.sum()) // d.world, "evaluation")  # this rank's share
-    if note:
-        dist.print0(f"note: {note}")
+    for line in (note, bf16_note(args.quantize, rt.device)):
+        if line:
+            dist.print0(f"note: {line}")
     if rt.compile:
         qcd.compile_decoder_layers(model)
     dist.print0(f"model {args.lora_model} ({len(labels)} labels, pooling {meta['pooling']}, {rt.precision}, "

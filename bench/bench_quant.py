@@ -315,29 +315,36 @@ def verdicts(rows, base_name) -> list[str]:
     return lines
 
 
+class MLP(torch.nn.Module):
+    """One Qwen3-1.7B-shaped MLP (2048 -> 2 x 6144 -> 2048), named like a decoder layer's so that the product's
+    filter (lft.quantize.is_base_linear) quantises it: the unit of the crossover benches."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Module()])
+        mlp = self.layers[0].mlp = torch.nn.Module()
+        mlp.gate_proj, mlp.up_proj = (torch.nn.Linear(2048, 6144, bias=False) for _ in range(2))
+        mlp.down_proj = torch.nn.Linear(6144, 2048, bias=False)
+
+    def forward(self, x):
+        mlp = self.layers[0].mlp
+        return mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
 def cpu_crossover(threads: int, out: Path) -> int:
-    """int8 (the product's config) against fp32 on the CPU, one Qwen3-1.7B-shaped MLP (2048 -> 2 x 6144 -> 2048),
-    by tokens per forward: where int8 stops being slower (lft.quantize.INT8_CPU_MIN_TOKENS, serve.py's note)."""
+    """int8 (the product's config) against fp32 and bf16 on the CPU, one Qwen3-1.7B-shaped MLP (2048 -> 2 x 6144 ->
+    2048), by tokens per forward: where int8 stops being slower than fp32 (lft.quantize.INT8_CPU_MIN_TOKENS,
+    serve.py's note), and whether it ever beats bf16 (lft.quantize.bf16_note)."""
     from lft.quantize import config_for, quantize_with
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 
-    class MLP(torch.nn.Module):  # named like a decoder layer's, so the product's filter quantises it
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList([torch.nn.Module()])
-            mlp = self.layers[0].mlp = torch.nn.Module()
-            mlp.gate_proj, mlp.up_proj = (torch.nn.Linear(2048, 6144, bias=False) for _ in range(2))
-            mlp.down_proj = torch.nn.Linear(6144, 2048, bias=False)
-
-        def forward(self, x):
-            mlp = self.layers[0].mlp
-            return mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-
-    fp32, int8 = MLP().eval(), MLP().eval()
+    fp32, int8, bf16 = MLP().eval(), MLP().eval(), MLP().eval()
     int8.load_state_dict(fp32.state_dict())
     assert len(quantize_with(int8, config_for("int8"))) == 3
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.to(torch.bfloat16)  # --bf16 on the CPU: the speed option where the CPU computes bf16 natively
 
     def ms(f, x, reps=7):
         f(x)
@@ -347,15 +354,17 @@ def cpu_crossover(threads: int, out: Path) -> int:
         return (time.perf_counter() - t) / reps * 1e3
 
     rows = []
-    print(f"int8 against fp32, Qwen3-1.7B-shaped MLP, {threads} thread(s)\n\n| tokens per forward | fp32 ms | int8 ms "
-          "| int8 speed |\n|---|---|---|---|")
+    print(f"int8 against fp32 and bf16, Qwen3-1.7B-shaped MLP, {threads} thread(s) (native bf16: "
+          f"{Q.cpu_has_native_bf16()})\n\n| tokens per forward | fp32 ms | bf16 ms | int8 ms | int8 vs fp32 | "
+          "int8 vs bf16 |\n|---|---|---|---|---|---|")
     with torch.inference_mode():
-        for tokens in (8, 32, 70, 128, 256, 512, 1024):
+        for tokens in (8, 32, 70, 128, 256, 512, 1024, 2048):
             x = torch.randn(tokens, 2048)
-            a, b = ms(fp32, x), ms(int8, x)
-            rows.append({"tokens": tokens, "fp32_ms": a, "int8_ms": b})
-            print(f"| {tokens} | {a:.1f} | {b:.1f} | {a / b:.2f}x |", flush=True)
-    (out / "bench_quant_cpu_crossover.json").write_text(json.dumps({"threads": threads, "rows": rows}, indent=2))
+            a, b, c = ms(fp32, x), ms(int8, x), ms(bf16, x.to(torch.bfloat16))
+            rows.append({"tokens": tokens, "fp32_ms": a, "int8_ms": b, "bf16_ms": c})
+            print(f"| {tokens} | {a:.1f} | {c:.1f} | {b:.1f} | {a / b:.2f}x | {c / b:.2f}x |", flush=True)
+    (out / f"bench_quant_cpu_crossover_{threads}.json").write_text(json.dumps(
+        {"threads": threads, "native_bf16": Q.cpu_has_native_bf16(), "rows": rows}, indent=2))
     return 0
 
 
@@ -478,18 +487,6 @@ def gpu_mlp(out: Path, only: list[str], tokens=GPU_MLP_TOKENS) -> int:
     dev = torch.device("cuda", 0)
     torch._dynamo.config.cache_size_limit = 64
     torch.manual_seed(0)
-
-    class MLP(torch.nn.Module):  # named like a decoder layer's, so the product's filter quantises it
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList([torch.nn.Module()])
-            mlp = self.layers[0].mlp = torch.nn.Module()
-            mlp.gate_proj, mlp.up_proj = (torch.nn.Linear(2048, 6144, bias=False) for _ in range(2))
-            mlp.down_proj = torch.nn.Linear(6144, 2048, bias=False)
-
-        def forward(self, x):
-            mlp = self.layers[0].mlp
-            return mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
 
     ref = MLP().to(dev, torch.bfloat16).eval()
     for lin in (ref.layers[0].mlp.gate_proj, ref.layers[0].mlp.up_proj, ref.layers[0].mlp.down_proj):

@@ -157,7 +157,7 @@ class Classifier:
         the float attributes became constants)."""
         from . import adapter
         from . import runtime as R
-        from .quantize import check_quantize, quantize_model
+        from .quantize import check_quantize, load_dtype, quantize_model
         import qwen3_classification_direct as qcd
 
         args = args or runtime_args(device, precision)
@@ -170,7 +170,7 @@ class Classifier:
         note = None
         if job_tokens is not None:
             rt, note = R.for_job(rt, args, job_tokens, "evaluation")
-        net, tok, meta = adapter.load_classifier(checkpoint, model, rt.weight_dtype, rt.attn, dev)
+        net, tok, meta = adapter.load_classifier(checkpoint, model, load_dtype(quantize, rt), rt.attn, dev)
         meta = {**meta, "fingerprint": adapter.fingerprint(model)}
         quantize_model(net, quantize, rt)  # on the device (fp8 needs it), before compiling fuses around it
         if rt.compile:

@@ -75,12 +75,21 @@ def summarise(prof, units: int, unit: str, wall_s: float, ceiling: float) -> dic
         gemms.append({"op": e.key, "shapes": shapes, "calls_per_unit": e.count / units, "us_per_unit": t / units,
                       "tflops": (flops * e.count / (t * 1e-6) / 1e12) if flops and t else None})
     gemms.sort(key=lambda g: -g["us_per_unit"])
+    # every GEMM by what it belongs to: LoRA's have a dimension of the rank (8), the head's one of the labels (6)
+    classes = defaultdict(lambda: {"us": 0.0, "calls": 0, "flops": 0.0})
+    for g in gemms:
+        dims = {d for shape in g["shapes"] for d in shape}
+        c = classes["LoRA (a dimension of 8)" if 8 in dims else "head (a dimension of 6)" if 6 in dims
+                    else "base model"]
+        c["us"] += g["us_per_unit"]
+        c["calls"] += g["calls_per_unit"]
+        c["flops"] += (g["tflops"] or 0.0) * 1e12 * g["us_per_unit"] * 1e-6
     out = {"unit": unit, "units": units, "wall_ms_per_unit": 1e3 * wall_s / units,
            "gpu_ms_per_unit": total / units / 1e3,
            "by_kind_ms": {k: v / units / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
            "top_kernels": [{"name": e.key[:140], "calls_per_unit": e.count / units,
                             "us_per_unit": dev_time(e, True) / units, "kind": kind_of(e.key)} for e in top],
-           "gemms": gemms[:40], "ceiling_tflops": ceiling / 1e12}
+           "gemms": gemms[:40], "gemm_classes": dict(classes), "ceiling_tflops": ceiling / 1e12}
     print(f"\n### {unit}: wall {out['wall_ms_per_unit']:.1f} ms, GPU kernels {out['gpu_ms_per_unit']:.1f} ms per "
           f"{unit} (profiled over {units}; graphs off, so wall holds launch gaps that graphs remove)\n")
     print("| kind | ms per " + unit + " | share |\n|---|---|---|")
@@ -90,6 +99,10 @@ def summarise(prof, units: int, unit: str, wall_s: float, ceiling: float) -> dic
     for k in out["top_kernels"]:
         print(f"| {k['name'][:100]} | {k['kind']} | {k['calls_per_unit']:.0f} | {k['us_per_unit']:.0f} | "
               f"{k['us_per_unit'] / 1e3 / out['gpu_ms_per_unit']:.1%} |")
+    print(f"\n| GEMMs of | calls per {unit} | ms per {unit} | TFLOP/s |\n|---|---|---|---|")
+    for name, c in sorted(classes.items(), key=lambda kv: -kv[1]["us"]):
+        print(f"| {name} | {c['calls']:.0f} | {c['us'] / 1e3:.2f} | "
+              f"{c['flops'] / (c['us'] * 1e-6) / 1e12 if c['us'] else 0:.0f} |")
     print(f"\n| GEMM | shapes | calls per {unit} | us per {unit} | TFLOP/s (ceiling {ceiling / 1e12:.0f}) |"
           "\n|---|---|---|---|---|")
     for g in out["gemms"]:

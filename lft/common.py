@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -223,7 +224,16 @@ def gc_paused():
                 gc.enable()
 
 
-_LIBC_TRIM = []  # [malloc_trim] once looked up ([None] where the C library has none)
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl: their allocator decides)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def release_freed_memory() -> None:
@@ -231,16 +241,9 @@ def release_freed_memory() -> None:
     Replacing a model's weights on the CPU frees thousands of tensors of 4-16 MB: glibc keeps such blocks in its
     heap for reuse, so the freed memory still counts as the process's. Loading the Qwen3-1.7B shape with int8
     weights left 0.78 GiB of it behind (2.80 GiB anonymous memory after the load, 2.01 after a trim)."""
-    if not _LIBC_TRIM:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC_TRIM.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
-        except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator decides
-            _LIBC_TRIM.append(None)
-    if _LIBC_TRIM[0] is not None:
-        _LIBC_TRIM[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _Deferred:

@@ -267,20 +267,18 @@ def quantize_model(model: "torch.nn.Module", mode: str, runtime, *, merge: bool 
         raise UserError("; ".join(problems))
     if merge and hasattr(model.backbone, "merge_and_unload"):
         model.backbone = model.backbone.merge_and_unload()
-    n_layers = len(model.base_model.layers) if hasattr(model, "base_model") else 0
-    first = first_quantised_layer(mode, n_layers)
+    base = model.base_model if hasattr(model, "base_model") else model  # the plain Qwen3Model (after any merge)
+    first = first_quantised_layer(mode, len(base.layers) if hasattr(base, "layers") else 0)
     dtype, cpu = runtime.weight_dtype, runtime.device.type == "cpu"
     # on the CPU the replaced weights' memory goes back to the system layer by layer (release_freed_memory)
     names = quantize_with(model, config_for(mode, granularity), keep=lambda fqn: layer_of(fqn) >= first,
                           widen=dtype, release=release_freed_memory if cpu else None)
     if not names:
         raise UserError(f"--quantize {mode}: the model has no decoder projections to quantise")
-    if mode == "int8" and hasattr(model, "base_model"):
-        base = model.base_model
+    if mode == "int8" and hasattr(base, "embed_tokens"):
         base.embed_tokens = int8_embedding_class()(base.embed_tokens, dtype)
         names.append(next(n for n, m in model.named_modules() if m is base.embed_tokens))
     if cpu:  # what the base keeps float (norms), in the runtime's dtype and in memory of its own
-        base = model.base_model if hasattr(model, "base_model") else model
         for name, t in [*base.named_parameters(), *base.named_buffers()]:
             if "lora_" not in name and type(t.data) is torch.Tensor and t.is_floating_point():
                 # loaded narrower (load_dtype), it widens; loaded at the runtime's dtype, it may still be a view of

@@ -97,7 +97,6 @@ def test_api_probabilities_equal_test_saved_lora(model, clf, demo_data, tmp_path
     assert [p.score for p in preds] == pytest.approx(P[np.arange(5), P[:5].argmax(1)].tolist(), abs=1e-7)
 
 
-
 def test_test_saved_lora_reports_do_not_depend_on_their_warm_up(model, demo_data, tmp_path, monkeypatch):
     """The reports' imports run in a thread during the evaluation (lft.metrics.warm_up). If that fails, nothing is
     lost: the script goes on, and the imports run again where the reports need them."""
@@ -110,6 +109,7 @@ def test_test_saved_lora_reports_do_not_depend_on_their_warm_up(model, demo_data
     assert test_saved_lora.main(["--lora_model", str(model), "--test_data", str(demo_data["test"]), "--output_dir",
                                  str(out), "--predictions_format", "csv", "--device", "cpu", "--no_progress"]) == 0
     assert {p.name for p in out.iterdir()} == {"test_results.json", "confusion_matrix.png", "predictions.csv"}
+
 
 # --- files --------------------------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from lft import mongo
 from lft import runtime as R
 from lft.common import (ArgumentParser, HelpFormatter, UserError, exit_script, explain_oom, lazy_import, print_table,
                         redact)
-from lft.quantize import add_quantize_arg, bf16_note, check_quantize
+from lft.quantize import add_quantize_arg, check_quantize, int8_note
 from lft.stream import STDIO, name_rows, open_sink, open_source
 
 np = lazy_import("numpy")  # numpy, torch and the model load on first use: --help answers at once
@@ -218,7 +218,7 @@ def load_classifier(args, out, job_tokens: int | None = None):
     t = time.perf_counter()
     clf = Classifier.load(args.lora_model, args.checkpoint, args=args, max_length=args.max_length,
                           max_tokens=args.max_tokens, quantize=args.quantize, job_tokens=job_tokens)
-    for note in (clf.note, bf16_note(args.quantize, clf.runtime.device)):
+    for note in (clf.note, int8_note(args.quantize, clf.runtime.device)):
         if note:
             print(f"note: {note}", file=out)
     print(f"model {redact(args.lora_model)} ({len(clf.labels)} labels, fingerprint {clf.identity}, "

@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 
 from lft import runtime as R  # noqa: E402  (torch, transformers, fastapi and uvicorn load after parsing)
 from lft.common import ArgumentParser, HelpFormatter, UserError, exit_script, redact  # noqa: E402
-from lft.quantize import add_quantize_arg, check_quantize, serving_note  # noqa: E402
+from lft.quantize import add_quantize_arg, check_quantize, int8_note  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         http_workers=args.http_workers or min(4, max(1, (os.cpu_count() or 1) // 4)),
         api_key=os.environ[args.api_key_env] if args.api_key_env else None)
     sock = serving.bind(args.host, args.port)
-    if note := serving_note(args.quantize, args.device):
+    if note := int8_note(args.quantize, args.device):
         print(f"note: {note}", flush=True)
 
     def load():

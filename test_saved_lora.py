@@ -20,7 +20,7 @@ from pathlib import Path
 from lft import runtime as R
 from lft.common import (ArgumentParser, Background, HelpFormatter, UserError, exit_script, explain_oom, lazy_import,
                         redact, write_json)
-from lft.quantize import add_quantize_arg, bf16_note, check_quantize, describe, load_dtype, quantize_model
+from lft.quantize import add_quantize_arg, check_quantize, describe, int8_note, load_dtype, quantize_model
 
 # torch and everything built on it load on first use: --help and flag errors answer at once
 np, torch = lazy_import("numpy"), lazy_import("torch")
@@ -89,7 +89,7 @@ def run(args, d) -> int:
     for line in split.notes:
         dist.print0(f"warning: {line}")
     rt, note = R.for_job(rt, args, int(split.lengths.sum()) // d.world, "evaluation")  # this rank's share
-    for line in (note, bf16_note(args.quantize, rt.device)):
+    for line in (note, int8_note(args.quantize, rt.device)):
         if line:
             dist.print0(f"note: {line}")
     if rt.compile:
@@ -100,7 +100,7 @@ def run(args, d) -> int:
 
     # the reports' imports (scikit-learn, matplotlib: ~1 s) run while the evaluation waits on the GPU, started when
     # the main thread has done its own imports (none of them shared: no module is imported by two threads at once)
-    predictor = predict.Predictor(model, rt, tokenizer.pad_token_id, max_length)
+    predictor = predict.Predictor(model, rt, tokenizer.pad_token_id, max_length, args.quantize)
     reports = Background(metrics.warm_up) if d.main else None
     try:
         probs = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world,

@@ -332,39 +332,45 @@ class MLP(torch.nn.Module):
 
 
 def cpu_crossover(threads: int, out: Path) -> int:
-    """int8 (the product's config) against fp32 and bf16 on the CPU, one Qwen3-1.7B-shaped MLP (2048 -> 2 x 6144 ->
-    2048), by tokens per forward: where int8 stops being slower than fp32 (lft.quantize.INT8_CPU_MIN_TOKENS,
-    serve.py's note), and whether it ever beats bf16 (lft.quantize.bf16_note)."""
-    from lft.quantize import config_for, quantize_with
+    """int8 (the product's: torchao's int8 config, run by lft.quantize.Int8Linear) against torchao's own int8 linear,
+    fp32 and bf16 on the CPU, one Qwen3-1.7B-shaped MLP (2048 -> 2 x 6144 -> 2048), by tokens per forward: where
+    int8 is faster than fp32 and bf16 (lft.quantize.int8_note)."""
+    from lft.quantize import config_for, int8_linear_class, quantize_with
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 
-    fp32, int8, bf16 = MLP().eval(), MLP().eval(), MLP().eval()
-    int8.load_state_dict(fp32.state_dict())
-    assert len(quantize_with(int8, config_for("int8"))) == 3
-    bf16.load_state_dict(fp32.state_dict())
-    bf16.to(torch.bfloat16)  # --bf16 on the CPU: the speed option where the CPU computes bf16 natively
+    fp32, int8, torchao_int8, bf16 = MLP().eval(), MLP().eval(), MLP().eval(), MLP().eval()
+    for m in (int8, torchao_int8, bf16):
+        m.load_state_dict(fp32.state_dict())
+    assert len(quantize_with(int8, config_for("int8"), swap=int8_linear_class())) == 3
+    assert len(quantize_with(torchao_int8, config_for("int8"))) == 3
+    bf16.to(torch.bfloat16)  # --bf16 on the CPU
 
     def ms(f, x, reps=7):
         f(x)
-        t = time.perf_counter()
+        times = []
         for _ in range(reps):
+            t = time.perf_counter()
             f(x)
-        return (time.perf_counter() - t) / reps * 1e3
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
 
     rows = []
-    print(f"int8 against fp32 and bf16, Qwen3-1.7B-shaped MLP, {threads} thread(s) (native bf16: "
-          f"{Q.cpu_has_native_bf16()})\n\n| tokens per forward | fp32 ms | bf16 ms | int8 ms | int8 vs fp32 | "
-          "int8 vs bf16 |\n|---|---|---|---|---|---|")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    print(f"int8 against fp32 and bf16, Qwen3-1.7B-shaped MLP, {threads} thread(s), median of 7 (native bf16: "
+          f"{Q.cpu_has_native_bf16()}{f'; oneDNN capped at {isa}' if isa else ''})\n\n| tokens per forward | fp32 ms | "
+          "bf16 ms | int8 ms | torchao's int8 linear ms | int8 vs fp32 | int8 vs bf16 |\n|---|---|---|---|---|---|---|")
     with torch.inference_mode():
-        for tokens in (8, 32, 70, 128, 256, 512, 1024, 2048):
+        for tokens in (1, 8, 32, 70, 128, 256, 512, 1024, 2048):
             x = torch.randn(tokens, 2048)
             a, b, c = ms(fp32, x), ms(int8, x), ms(bf16, x.to(torch.bfloat16))
-            rows.append({"tokens": tokens, "fp32_ms": a, "int8_ms": b, "bf16_ms": c})
-            print(f"| {tokens} | {a:.1f} | {c:.1f} | {b:.1f} | {a / b:.2f}x | {c / b:.2f}x |", flush=True)
-    (out / f"bench_quant_cpu_crossover_{threads}.json").write_text(json.dumps(
-        {"threads": threads, "native_bf16": Q.cpu_has_native_bf16(), "rows": rows}, indent=2))
+            d = ms(torchao_int8, x, reps=3)
+            rows.append({"tokens": tokens, "fp32_ms": a, "int8_ms": b, "bf16_ms": c, "torchao_int8_ms": d})
+            print(f"| {tokens} | {a:.1f} | {c:.1f} | {b:.1f} | {d:.1f} | {a / b:.2f}x | {c / b:.2f}x |", flush=True)
+    name = f"bench_quant_cpu_crossover_{threads}{'_' + isa.lower() if isa else ''}.json"
+    (out / name).write_text(json.dumps({"threads": threads, "native_bf16": Q.cpu_has_native_bf16(),
+                                        "onednn_max_cpu_isa": isa, "rows": rows}, indent=2))
     return 0
 
 

@@ -21,15 +21,19 @@ The modes:
         throughput; layers 2-27 only, 99.17% at 1.32x; leaving the last four layers bf16 instead changed nothing
         (98.4%), and no faster accumulation or MLP-only choice got both 99% and 1.3x.
   int8  CPU only: int8 weights and dynamically quantised int8 activations, row-wise scales (int8 matmuls), and
-        the token embeddings as int8 rows (Int8Embedding: a fifth of a 1.7B model's weights). The base is loaded as
-        its files store it (bf16 for Qwen3's own weights; load_dtype) and each projection is widened to float32
-        only while it is quantised, so no float32 copy of the model is ever made; the int8 weights are those a
-        float32 load gives (a bf16 value widens exactly), and what stays float (norms, LoRA, head) is float32 as
-        without --quantize. A Qwen3-1.7B MLP on a 2-core CPU: slower than fp32 under ~128 tokens per forward,
-        where the per-token quantisation costs more than it saves, 1.2-2.6x fp32 at 256-1,024 tokens: serve.py
-        warns (serving_note); weight-only was slower than fp32 at every size. On a CPU with native bf16 (AVX512-
-        BF16, AMX) --bf16 is faster than int8 at every size, 1.2-12x on that MLP, so int8 is the memory option
-        there (0.57x bf16's memory after loading the whole model) and the scripts say so (bf16_note).
+        the token embeddings as int8 rows (Int8Embedding: a fifth of a 1.7B model's weights). The projections run
+        as Int8Linear: torchao's numbers bit for bit, without the sum of the whole weight that torchao 0.18 takes
+        again at every call on a VNNI CPU without AMX (17-22 ms for a 2,048 x 6,144 projection on 2 cores, against
+        1 ms for the int8 matmul of an 8-token forward). A forward takes at most INT8_CPU_ROW_TOKENS tokens
+        (forward_tokens), and the memory it freed goes back to the system after it. The base is loaded as its
+        files store it (bf16 for Qwen3's own weights; load_dtype) and each projection is widened to float32 only
+        while it is quantised, so no float32 copy of the model is ever made; the int8 weights are those a float32
+        load gives (a bf16 value widens exactly), and what stays float (norms, LoRA, head) is float32 as without
+        --quantize. The whole Qwen3-1.7B shape on 2 cores of an AVX512-BF16 EPYC (bench/RESULTS.md, session 10):
+        2.13 GiB after loading (0.57x --bf16's), a peak while classifying of 0.56-0.59x bf16's, and 1.02-1.45x
+        --bf16's speed (three runs), 3-4x fp32's, from one 70-token text to 2,048 tokens. With oneDNN capped at AVX512-VNNI (a
+        CPU without native bf16), its MLP ran 1.3-8x bf16 and 2-4x fp32 at every size. On an AMX Xeon --bf16 was
+        faster (int8 0.36-0.85x on the MLP): the scripts say so there (int8_note).
         Refused on a GPU (H200, torchao 0.18, bench/RESULTS.md): on a whole 1.7B-shaped model weight-only ran at
         0.3k tokens/s against 153k (run 11) and dynamic activations at 0.87x bf16, 1 / 8 / 64 texts in 4.7 / 6.2 /
         41.2 ms against 4.1 / 5.1 / 35.8 (run 13); on one compiled MLP replayed as a CUDA graph, dynamic
@@ -50,10 +54,12 @@ torch = lazy_import("torch")  # loaded on first use: scripts declare --quantize 
 QUANTIZE_CHOICES = ("none", "int8", "fp8")
 TORCHAO_VERSION = "0.18.0"  # pinned in requirements-dev.txt; works with torch 2.11 (CUDA) and 2.13 (CPU)
 FP8_MIN_CAPABILITY = (8, 9)
-# int8 on the CPU is slower than fp32 below about this many tokens per forward (the per-token quantisation costs
-# more than the int8 matmul saves): a Qwen3-1.7B-shaped MLP on a 2-core CPU ran 0.25-0.85x fp32 at 8-70 tokens,
-# 1.05-1.16x at 128, 1.2-2.6x at 256-1,024 (bench/bench_quant.py --cpu_crossover; bench/RESULTS.md)
-INT8_CPU_MIN_TOKENS = 128
+# int8 on the CPU runs forwards of at most this many tokens (or one text of max_length, if longer; forward_tokens):
+# its peak memory grows with the forward, and its cost per token too past a few hundred tokens. Whole Qwen3-1.7B
+# shape, 2 cores (bench/RESULTS.md, session 10): a forward of 2,048 tokens peaked at 0.73x bf16's memory and cost
+# 9.6 ms a token (bf16, uncapped: 8.9-9.4); capped at 512 tokens, 0.598-0.607x and 6.3-7.0 ms; at 256, 0.587x in
+# all three runs and 7.2-8.0 ms
+INT8_CPU_ROW_TOKENS = 256
 EMBEDDING_CHUNK = 8192  # embedding rows widened to float32 at a time while they are quantised
 FP8_BF16_LAYERS = 2  # the first decoder layers stay bf16 under fp8 (a quarter of the layers at most: see fp8 above)
 # the base projections of a decoder layer, plain (merged folder) or inside a peft LoRA layer (".base_layer")
@@ -109,38 +115,37 @@ def check_quantize(args, device, problems: list[str]) -> None:
                         "(compute capability >= 8.9) or none")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo; False where unknown)."""
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where unknown)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
 
 
-BF16_NOTE = ("this CPU has native bf16, where --bf16 ran faster than int8 at every size measured on a Qwen3-1.7B MLP "
-             "(1.2-12x at 8-2,048 tokens per forward), and int8 held 0.57x bf16's memory after loading")
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def bf16_note(mode: str, device) -> str | None:
-    """The note of predict.py and test_saved_lora.py for --quantize int8 on a CPU with native bf16, where --bf16 is
-    faster at every size (the whole 1.7B shape on 2 cores, bench/RESULTS.md): int8 is the memory option there."""
-    if mode != "int8" or _gpu(device) is not None or not cpu_has_native_bf16():
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 matmuls (Intel Xeon from Sapphire Rapids on)."""
+    return "amx_bf16" in cpu_flags()
+
+
+AMX_NOTE = ("this CPU has AMX, where --bf16 ran faster than int8 on a Qwen3-1.7B MLP (an AMX Xeon, 16 threads: int8 "
+            "0.36-0.85x bf16's speed at 1-2,048 tokens per forward); int8 holds ~0.57x bf16's memory")
+
+
+def int8_note(mode: str, device) -> str | None:
+    """The `note:` of predict.py, test_saved_lora.py and serve.py for --quantize int8 on a CPU with AMX, where --bf16
+    is faster (bench/RESULTS.md, session 10): int8 is the memory option there. Elsewhere int8 was the faster option
+    as well: on 2 cores of an AVX512-BF16 EPYC, 1.02-1.45x --bf16 and 3-4x fp32 on the whole 1.7B shape; with oneDNN
+    capped at AVX512-VNNI (no native bf16), 1.3-8x bf16 and 2-4x fp32 on its MLP."""
+    if mode != "int8" or _gpu(device) is not None or not cpu_has_amx():
         return None
-    return f"--quantize int8 is a memory option here: {BF16_NOTE}"
-
-
-def serving_note(mode: str, device) -> str | None:
-    """serve.py's warning for --quantize int8 on the CPU: a server's forwards are as small as one request when
-    requests come one at a time, and under INT8_CPU_MIN_TOKENS int8 is slower than fp32 there; on a CPU with native
-    bf16, --bf16 was faster than int8 at every size measured (bf16_note)."""
-    if mode != "int8" or _gpu(device) is not None:
-        return None
-    note = (f"--quantize int8 on CPU is a memory option for a server: it is slower than fp32 for forwards under "
-            f"~{INT8_CPU_MIN_TOKENS} tokens (0.25-0.85x at 8-70 tokens), which a lone short request is, and faster "
-            "from there (1.2-2.6x at 256-1,024 tokens; requests arriving together are batched)")
-    return note + f"; {BF16_NOTE}" if cpu_has_native_bf16() else note
+    return f"--quantize int8 is a memory option here: {AMX_NOTE}"
 
 
 def import_torchao():
@@ -183,16 +188,21 @@ def layer_of(fqn: str) -> int:
     return int(re.search(r"(?:^|\.)layers\.(\d+)\.", fqn).group(1))
 
 
-def quantize_with(model: "torch.nn.Module", config, keep=lambda fqn: True, widen=None, release=None) -> list[str]:
+def quantize_with(model: "torch.nn.Module", config, keep=lambda fqn: True, widen=None, release=None,
+                  swap=None) -> list[str]:
     """Apply a torchao config to the base projections whose names `keep` accepts; the names quantised, in model
     order. `widen`: a dtype each projection's weight is cast to just before it is quantised (one at a time, so
-    the model is never held in that dtype whole). `release`: called after each decoder layer's projections."""
+    the model is never held in that dtype whole). `release`: called after each decoder layer's projections.
+    `swap`: a module class that replaces each quantised Linear, built from it (Int8Linear)."""
     tq = import_torchao()
     picked = [(fqn, m) for fqn, m in model.named_modules() if is_base_linear(m, fqn) and keep(fqn)]
     for i, (fqn, module) in enumerate(picked):
         if widen is not None:
             module.weight.data = module.weight.data.to(widen)
         tq.quantize_(module, config)  # in place: the Linear's weight becomes a torchao tensor
+        if swap is not None:
+            parent, _, name = fqn.rpartition(".")
+            setattr(model.get_submodule(parent), name, swap(module))
         if release is not None and (i + 1 == len(picked) or layer_of(picked[i + 1][0]) != layer_of(fqn)):
             release()
     return [fqn for fqn, _ in picked]
@@ -239,6 +249,78 @@ def int8_embedding_class() -> type:
     return Int8Embedding
 
 
+@functools.cache
+def int8_linear_class() -> type:
+    """The Int8Linear module class, defined on first use (see int8_embedding_class)."""
+    tq = import_torchao()
+    from torchao.utils import _cpu_is_amx_tile_supported, _cpu_is_vnni_supported, torch_version_at_least
+
+    class Int8Linear(torch.nn.Module):
+        """A base projection quantised by torchao's int8 config (config_for("int8")), run on the CPU with the
+        numbers torchao's own linear gives, bit for bit (a test checks it), without its fixed cost per call.
+
+        On a CPU with AVX512-VNNI and no AMX, torchao 0.18 shifts the int8 activations to uint8 for VNNI's u8 x s8
+        instruction and subtracts 128 x the weight's column sums to undo the shift; it sums the whole weight again
+        at every call (torchao.kernel.intmm._int_scaled_matmul_cpu). That sum took 17-22 ms per 2,048 x 6,144
+        projection on 2 cores, against 1 ms for the int8 matmul of an 8-token forward, so a Qwen3-1.7B MLP of one
+        short text ran 12x slower than bf16. Here the sums are taken once, when the weight is quantised. Elsewhere
+        (AMX, or no VNNI) torchao multiplies int8 x int8 directly and so does this module."""
+
+        def __init__(self, linear: "torch.nn.Linear"):
+            super().__init__()
+            w = linear.weight
+            kw = getattr(w, "act_quant_kwargs", None)
+            if not isinstance(w, tq.Int8Tensor) or kw is None or w.act_pre_scale is not None \
+                    or kw.mapping_type != tq.MappingType.SYMMETRIC or w.block_size[-1] != w.qdata.shape[-1]:
+                raise TypeError("Int8Linear takes a Linear quantised by config_for('int8') (row-wise int8 weights, "
+                                "symmetric dynamic int8 activations)")
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.act_quant = kw
+            self.register_buffer("qweight", w.qdata.contiguous())  # (out, in) int8
+            self.register_buffer("weight_scale", w.scale.detach().flatten().clone())  # (out,)
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+            # torchao's choice of kernel (both give the same integers)
+            self.uint8 = (not _cpu_is_amx_tile_supported() and _cpu_is_vnni_supported()
+                          and torch_version_at_least("2.12.0.dev"))
+            # torchao's correction term, 128 x each output channel's weight sum, taken once
+            self.register_buffer("compensation", self.qweight.t().sum(dim=0, keepdim=True, dtype=torch.int32) * 128
+                                 if self.uint8 else None)
+
+        def forward(self, x):
+            # the steps of torchao's int8 linear (Int8Tensor's aten.linear), in its order and dtypes
+            xq = tq.Int8Tensor.from_hp(x, self.act_quant.granularity, mapping_type=self.act_quant.mapping_type,
+                                       reduce_range=self.act_quant.reduce_range)
+            a = xq.qdata.reshape(-1, xq.qdata.shape[-1])
+            s = xq.scale.reshape(-1, 1)
+            s = s.float() if s.dtype == torch.half else s
+            w = self.qweight.t()
+            if self.uint8:  # a + 128 as uint8 (torchao: through int32) is a's bits with the top one flipped
+                c = torch._int_mm(a.view(torch.uint8) ^ 0x80, w)
+                c.sub_(self.compensation)
+            else:
+                c = torch._int_mm(a, w)
+            y = (c.to(s.dtype) * s).to(x.dtype)
+            y = (y * self.weight_scale).reshape(*x.shape[:-1], self.out_features)
+            if self.bias is not None:
+                y += self.bias
+            return y.to(x.dtype)
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
+
+    return Int8Linear
+
+
+def on_cpu_int8(mode: str, device) -> bool:
+    return mode == "int8" and _gpu(device) is None
+
+
+def forward_tokens(mode: str, device, wanted: int, max_length: int) -> int:
+    """Tokens per forward (a padded batch or packed row) for a job that asks for `wanted`: int8 on the CPU takes at
+    most INT8_CPU_ROW_TOKENS (max_length where that is longer), every other mode `wanted`."""
+    return min(wanted, max(INT8_CPU_ROW_TOKENS, max_length)) if on_cpu_int8(mode, device) else wanted
+
+
 def load_dtype(mode: str, runtime):
     """The dtype a base model is loaded in before quantize_model: the runtime's, except int8 on the CPU, which
     loads the checkpoint as its files store it ("auto": bf16 for Qwen3's own weights) and widens piece by piece
@@ -272,7 +354,8 @@ def quantize_model(model: "torch.nn.Module", mode: str, runtime, *, merge: bool 
     dtype, cpu = runtime.weight_dtype, runtime.device.type == "cpu"
     # on the CPU the replaced weights' memory goes back to the system layer by layer (release_freed_memory)
     names = quantize_with(model, config_for(mode, granularity), keep=lambda fqn: layer_of(fqn) >= first,
-                          widen=dtype, release=release_freed_memory if cpu else None)
+                          widen=dtype, release=release_freed_memory if cpu else None,
+                          swap=int8_linear_class() if mode == "int8" else None)
     if not names:
         raise UserError(f"--quantize {mode}: the model has no decoder projections to quantise")
     if mode == "int8" and hasattr(base, "embed_tokens"):

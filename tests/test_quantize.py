@@ -35,11 +35,12 @@ def trained(tiny_ckpt, demo_data, tmp_path_factory):
 
 
 def quantised_names(model) -> set[str]:
+    """int8's Int8Linear modules, and Linears whose weight torchao quantised (fp8, on the GPU). nn.Linear only: peft's
+    LoRA layer forwards `.weight` to its base_layer's."""
     from torchao.utils import TorchAOBaseTensor
 
-    # nn.Linear only: peft's LoRA layer forwards `.weight` to its base_layer's
-    return {n for n, m in model.named_modules()
-            if type(m) is torch.nn.Linear and isinstance(m.weight, TorchAOBaseTensor)}
+    return {n for n, m in model.named_modules() if type(m) is Q.int8_linear_class()
+            or type(m) is torch.nn.Linear and isinstance(m.weight, TorchAOBaseTensor)}
 
 
 def test_int8_quantises_exactly_the_base_projections(trained):
@@ -60,6 +61,30 @@ def test_int8_quantises_exactly_the_base_projections(trained):
     P = clf.predict_proba(texts)
     assert np.abs(P - P0).max() < PROB_TOL
     assert (P.argmax(1) == P0.argmax(1)).mean() >= 0.95
+
+
+def test_int8_on_cpu_runs_small_forwards_and_gives_their_memory_back(trained, monkeypatch):
+    """int8 on the CPU caps a forward at INT8_CPU_ROW_TOKENS (max_length where longer) and hands the memory each
+    forward freed back to the system; float modes keep the asked-for rows and skip the trim."""
+    from lft import predict as P
+
+    folder, texts, _ = trained
+    trims = []
+    monkeypatch.setattr(P, "release_freed_memory", lambda: trims.append(1))
+    clf = Classifier.load(folder, device="cpu", quantize="int8", max_tokens=100_000)
+    assert clf.max_tokens == max(Q.INT8_CPU_ROW_TOKENS, clf.max_length)
+    ids = clf.encode(texts * 40)
+    batches = clf.predictor.batches(np.array([len(x) for x in ids]), max_tokens=100_000)
+    assert len(batches) > 1 and clf.predictor.row_tokens == clf.max_tokens
+    assert all(len(b) * max(len(ids[i]) for i in b) <= clf.max_tokens for b in batches)  # padded batches
+    clf.predictor.probs(ids, batches)
+    assert len(trims) == len(batches)
+    assert Q.forward_tokens("int8", "cpu", 100, 2048) == 100 and Q.forward_tokens("int8", "cpu", 10**6, 2048) == 2048
+    trims.clear()
+    fp32 = Classifier.load(folder, device="cpu", max_tokens=100_000)
+    assert fp32.max_tokens == 100_000 and Q.forward_tokens("none", "cpu", 10**6, 256) == 10**6
+    fp32.predict_proba(texts)
+    assert not trims
 
 
 def test_int8_after_merging_lora(trained):
@@ -88,6 +113,34 @@ def test_int8_embedding_gathers_then_dequantises():
     assert torch.equal(q(ids)[0, 1], torch.zeros(48))
     step = emb.weight.abs().amax(1, keepdim=True) / 127
     assert ((table - emb.weight).abs() <= step / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("uint8", [True, False])
+def test_int8_linear_gives_torchaos_numbers_bit_for_bit(uint8):
+    """Int8Linear takes the weight's column sums once instead of at every call; its outputs are torchao's own int8
+    linear's exactly, by either kernel (VNNI's uint8 x int8 with the correction, or int8 x int8), for float32 and
+    bf16 activations, one token or a batch, with a bias; and a weight torchao did not quantise with the int8 config
+    is refused."""
+    import copy
+
+    tq = Q.import_torchao()
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(96, 40)
+    tq.quantize_(ref, Q.config_for("int8"))
+    ours = Q.int8_linear_class()(copy.deepcopy(ref))
+    if uint8 and ours.compensation is None:
+        pytest.skip("torchao takes the int8 x int8 kernel on this CPU or torch")
+    if not uint8:
+        ours.uint8, ours.compensation = False, None
+    assert ours.qweight.dtype == torch.int8 and ours.qweight.shape == (40, 96)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((1, 96), (3, 7, 96)):
+            x = (torch.randn(shape) * 3).to(dtype)
+            with torch.inference_mode():
+                want, got = ref(x), ours(x)
+            assert got.dtype == want.dtype == dtype and torch.equal(got, want), (dtype, shape)
+    with pytest.raises(TypeError, match="config_for"):
+        Q.int8_linear_class()(torch.nn.Linear(8, 8))
 
 
 def test_int8_of_a_bf16_base_loads_it_as_stored_and_matches_a_float32_load(trained, tiny_ckpt, tmp_path, monkeypatch):
@@ -120,13 +173,11 @@ def test_int8_of_a_bf16_base_loads_it_as_stored_and_matches_a_float32_load(train
     Q.quantize_model(ref, "int8", rt)
     for (n, a), (m, b) in zip(clf.model.state_dict().items(), ref.state_dict().items()):
         assert n == m and type(a) is type(b) and a.dtype == b.dtype, n
-        assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale) if hasattr(a, "qdata") \
-            else torch.equal(a, b), n
+        assert torch.equal(a, b), n
     assert all(p.dtype == torch.float32 for n, p in clf.model.named_parameters() if "norm" in n)
-    ref_clf = Classifier(ref, clf.tokenizer, clf.meta, rt, clf.max_length, None)
+    ref_clf = Classifier(ref, clf.tokenizer, clf.meta, rt, clf.max_length, None, "int8")
     assert np.array_equal(clf.predict_proba(texts), ref_clf.predict_proba(texts))
-    int8_bytes = sum(t.qdata.numel() + t.scale.numel() * t.scale.element_size() if hasattr(t, "qdata")
-                     else t.numel() * t.element_size() for t in [*clf.model.parameters(), *clf.model.buffers()])
+    int8_bytes = sum(t.numel() * t.element_size() for t in [*clf.model.parameters(), *clf.model.buffers()])
     assert int8_bytes < 0.3 * float_bytes, (int8_bytes, float_bytes)  # the embeddings dominate a tiny model
     # --bf16 --quantize int8 keeps the base's float tensors in bf16; none may stay a view of the memory-mapped
     # checkpoint, which would keep the whole file mapped (5.33 GiB resident for the 1.7B shape instead of 2.13)
@@ -152,9 +203,8 @@ def test_eval_cli_int8(trained, demo_data, tmp_path, capsys):
     log = capsys.readouterr().out
     assert "not quantised" in log and "quantised int8 (int8 weights + dynamic int8 activations, int8 token " \
                                       "embeddings; base projections and embeddings, LoRA and head float)" in log
-    # on a CPU with native bf16 (this development machine's), --bf16 is faster than int8: the log says so, once
-    assert log.count("note: --quantize int8 is a memory option here: this CPU has native bf16") == \
-        int(Q.cpu_has_native_bf16())
+    # on a CPU with AMX, --bf16 is faster than int8: the log says so, once (this development machine has none)
+    assert log.count("note: --quantize int8 is a memory option here: this CPU has AMX") == int(Q.cpu_has_amx())
     import pandas as pd
 
     res = {m: json.loads((o / "test_results.json").read_text()) for m, o in runs.items()}
@@ -230,17 +280,20 @@ def test_fp8_leaves_the_first_two_layers_of_a_deep_model_in_bf16():
     assert Q.layer_of("layers.0.self_attn.q_proj") == 0
 
 
-def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
-    """serve.py's int8 note names --bf16 only where the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16)."""
+def test_native_bf16_and_amx_are_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    """The scripts' int8 note names --bf16 only on a CPU with AMX, where --bf16 was the faster option; on AVX512-BF16
+    without AMX and on AVX512-VNNI int8 was faster than bf16, and no note is given."""
     import builtins
 
     real = builtins.open
-    for flags, want in (("fpu sse avx512_vnni", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16", True)):
+    for flags, native, amx in (("fpu sse avx512_vnni", False, False), ("fpu avx512f avx512_bf16", True, False),
+                               ("fpu avx512_bf16 amx_bf16 amx_int8", True, True)):
         info = tmp_path / "cpuinfo"
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real(info if f == "/proc/cpuinfo" else f, *a, **k))
-        assert Q.cpu_has_native_bf16() is want
-        assert ("native bf16" in Q.serving_note("int8", "cpu")) is want
-        assert (Q.bf16_note("int8", "cpu") is not None) is want and Q.bf16_note("none", "cpu") is None
+        assert Q.cpu_has_native_bf16() is native and Q.cpu_has_amx() is amx
+        note = Q.int8_note("int8", "cpu")
+        assert (note is not None) is amx and (not amx or "this CPU has AMX, where --bf16 ran faster" in note)
+        assert Q.int8_note("none", "cpu") is None and Q.int8_note("fp8", "cpu") is None
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
-    assert Q.cpu_has_native_bf16() is False
+    assert Q.cpu_has_native_bf16() is False and Q.cpu_has_amx() is False and Q.int8_note("int8", "cpu") is None

@@ -396,9 +396,9 @@ def list_labels(coll, args) -> None:
 # --- main ---------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
+    args = parse_args(argv)  # before importing pymongo: --help and argument errors need none of it
     from pymongo.errors import PyMongoError
 
-    args = parse_args(argv)
     quotas, fields = check_args(args)
     t0 = time.time()
     excluded = read_excluded(args.exclude)

@@ -6,7 +6,12 @@ context), the start-up line (the first run starts with a cold compile cache, the
 plan's note, and how a failing run ends. With --small_jobs: test_saved_lora.py on 3,000 texts with the uncapped
 run's adapter, at auto flags and with --compile off --cuda_graphs off (wall time of the whole command).
 
-    python bench/bench_memory.py [--steps 200] [--caps none,22,14] [--fp16] [--eager] [--small_jobs] [--out DIR]
+    python bench/bench_memory.py [--steps 320] [--caps none,22,14] [--fp16] [--eager] [--older] [--small_jobs] [--out DIR]
+
+--older runs the path auto picks on a GPU without bf16 or flash varlen attention (compute capability < 8.0, such as a
+V100 or T4): --fp16 --attn_implementation sdpa (and so no CUDA graphs, which need varlen).
+Every run takes the flags at their auto settings, as a user's does (before session 10 compile and CUDA graphs were
+forced on, which overrode the memory plan's turning graphs off on a capped card).
 """
 from __future__ import annotations
 
@@ -84,8 +89,8 @@ def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Pat
     r = subprocess.run([sys.executable, "-c", CAPPED, str(cap), "--checkpoint", str(ckpt), "--train_data", str(train),
                         "--val_data", str(val), "--output_dir", str(out), "--num_epochs", "1", "--no_progress",
                         "--logging_steps", "20", "--eval_steps", "100000", "--batch_size", "18",
-                        "--max_length", "256", "--compile", "on", "--cuda_graphs", "on", *flags],
-                       capture_output=True, text=True, env=env)  # a bench-sized run is a "small job": fast path forced
+                        "--max_length", "256", *flags],
+                       capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if log is not None:  # every run's stderr (with --torch_logs: dynamo's timestamped compile lines, recompiles)
         with log.open("a") as f:
@@ -109,12 +114,16 @@ def one_run(name: str, cap: float, ckpt: Path, train: Path, val: Path, work: Pat
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (36 texts each)")
+    p.add_argument("--steps", type=int, default=320, help="optimizer steps per run (36 texts each; 320 steps are "
+                   "~875k real tokens, over the small-job rule's 750k: the runs make the decisions a full-sized job "
+                   "makes, compile, CUDA graphs and the memory plan's, at their auto settings)")
     p.add_argument("--caps", default="none,22,14", help="GiB caps to run the defaults under ('none': uncapped)")
     p.add_argument("--capped_flags", default="", help="flag sets separated by ';', each run under every cap beside "
                    "the defaults (e.g. ';--cuda_graphs off': the defaults, then without training graphs)")
     p.add_argument("--fp16", action="store_true", help="also run --fp16 uncapped")
     p.add_argument("--eager", action="store_true", help="also run --compile off (CUDA graphs still on) uncapped")
+    p.add_argument("--older", action="store_true", help="also run --fp16 --attn_implementation sdpa uncapped (what "
+                   "auto picks on a GPU of compute capability < 8.0)")
     p.add_argument("--small_jobs", action="store_true", help="also time test_saved_lora.py on 3,000 texts")
     p.add_argument("--torch_logs", default="", help="TORCH_LOGS for the training runs (e.g. dynamo,recompiles); "
                    "every run's stderr goes to --out/runs_stderr.txt")
@@ -142,7 +151,8 @@ def main(argv=None) -> int:
             name = f"defaults_cap{cap}" if not flags else f"cap{cap}_" + "_".join(x.lstrip("-") for x in flags)
             rows.append(one_run(name, c, ckpt, train, val, work, flags, args.torch_logs, log, args.oom_summary))
             (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))
-    for flag, extra in (("fp16", ["--fp16"]), ("eager", ["--compile", "off"])):
+    for flag, extra in (("fp16", ["--fp16"]), ("eager", ["--compile", "off"]),
+                        ("older", ["--fp16", "--attn_implementation", "sdpa"])):
         if getattr(args, flag):
             rows.append(one_run(flag, 0.0, ckpt, train, val, work, extra, args.torch_logs, log))
             (out / "bench_memory.json").write_text(json.dumps(rows, indent=2))

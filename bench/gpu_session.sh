@@ -12,10 +12,12 @@
 #             STARTUP_SETTINGS: flag sets separated by ';', run in turn)
 #   kernels   bench/bench_kernels.py (GPU time of a training step and an evaluation by kernel and GEMM shape)
 #   int8mlp   bench/bench_quant.py --gpu_mlp (int8 forms against bf16 on one MLP by tokens per forward)
+#   cpuint8   bench/bench_quant.py --cpu_crossover (the host CPU: int8 against fp32 and bf16 on one MLP; CPU_THREADS)
 #   small     bench/bench_startup.py --small_jobs (test_saved_lora.py on 3,000 texts, auto vs eager; STARTUP_RUNS)
 #   firststep bench/bench_startup.py --train (train_lora.py, original recipe: launch to step 1, cold and warm;
 #             STARTUP_PROFILE=1: a third run's set-up under cProfile)
 #   full      bench/bench_gpu.py --full_recipe (the original full recipe end to end, from launch)
+#   all       bench/bench_all.py (issue 13's rows in one call: one lane per GPU; its deadline is the phase's limit)
 set -uo pipefail
 # torchao goes in a folder of its own, on the path only for the phases that quantise (tests, quant): it is not in
 # requirements.txt, and where it is installed transformers imports it (and its CUDA ops register) at every model
@@ -47,13 +49,16 @@ for spec in "$@"; do
     compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}" ${COMPILE_FLAGS:-}) ;;
     startup) cmd=(python3 bench/bench_startup.py --runs "${STARTUP_RUNS:-2}" --settings "${STARTUP_SETTINGS:-}" --out "$OUT/startup") ;;
     kernels) cmd=(python3 bench/bench_kernels.py --out "$OUT/kernels") ;;
+    cpuint8) grep -m1 "model name" /proc/cpuinfo; grep -m1 -o -w "amx_int8\|amx_bf16\|avx512_bf16\|avx512_vnni" /proc/cpuinfo | sort -u | tr "\n" " "; echo
+             cmd=(python3 bench/bench_quant.py --cpu_crossover "${CPU_THREADS:-16}" --out "$OUT/cpuint8") ;;
     int8mlp) cmd=(python3 bench/bench_quant.py --gpu_mlp --out "$OUT/int8mlp" --only "${QUANT_ONLY:-}" --tokens "${MLP_TOKENS:-64,512,4096,9216}") ;;
     small)   cmd=(python3 bench/bench_startup.py --small_jobs --runs "${STARTUP_RUNS:-2}" --out "$OUT/small") ;;
     firststep) cmd=(python3 bench/bench_startup.py --train ${STARTUP_PROFILE:+--profile} --out "$OUT/firststep") ;;
     full)    cmd=(python3 bench/bench_gpu.py --full_recipe --out "$OUT/full") ;;
+    all)     cmd=(python3 bench/bench_all.py --out "$OUT/all" --deadline $((limit - 15))) ;;
     *) echo "unknown phase $phase"; continue ;;
   esac
-  case $phase in tests|quant|int8mlp) path=/tmp/site-quant:$PYTHONPATH ;; *) path=$PYTHONPATH ;; esac
+  case $phase in tests|quant|int8mlp|cpuint8) path=/tmp/site-quant:$PYTHONPATH ;; *) path=$PYTHONPATH ;; esac
   PYTHONPATH=$path timeout -k 10 "$limit" "${cmd[@]}" > "$OUT/$phase.log" 2>&1
   echo "exit $? after $SECONDS s"; tail -n 25 "$OUT/$phase.log"
 done

@@ -124,3 +124,35 @@ def test_compile_workers_start_at_set_up_only_where_the_job_compiles_on_a_gpu(gp
     R.start_compile_workers(R.resolve(flags(compile="off"), dev, training=True))
     R.start_compile_workers(R.resolve(flags(compile="on"), torch.device("cpu"), training=True))
     assert started == [True]
+
+
+HELP_DRIVER = """import contextlib, io, json, runpy, sys
+script = sys.argv[1]
+sys.argv = [script, "--help"]
+code = 0
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+heavy = ("torch", "transformers", "peft", "tokenizers", "pymongo", "pandas", "numpy", "sklearn", "matplotlib",
+         "fastapi", "uvicorn", "torchao")
+print(json.dumps({"code": code, "chars": len(out.getvalue()), "heavy": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+@pytest.mark.parametrize("script", ["train_lora.py", "test_saved_lora.py", "predict.py", "serve.py",
+                                    "get_data_by_labels.py", "load_model.py"])
+def test_help_imports_no_heavy_library(script):
+    """Issue 13: `--help` of every script within 1 s. It imports none of torch, transformers, pymongo, pandas...
+    (H200 machine, run 34: 0.09-0.12 s each; get_data_by_labels.py imported pymongo first, which that machine lacks)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    r = subprocess.run([sys.executable, "-c", HELP_DRIVER, script], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["code"] in (0, None) and res["chars"] > 200 and res["heavy"] == [], res

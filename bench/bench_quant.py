@@ -18,6 +18,9 @@ serving batches of 1, 8 and 64 texts. Prints a markdown table and writes bench_q
     python bench/bench_quant.py --cpu_memory                      # CPU: int8 against fp32 and bf16, whole
                                                                   #   1.7B-shaped model: resident memory and
                                                                   #   small forwards
+    python bench/bench_quant.py --cpu_cgroup                      # CPU, root: int8 and bf16 each in a memory cgroup
+                                                                  #   of 0.6x bf16's peak (--budget), from an
+                                                                  #   uncached checkpoint: do they fit, how fast
     python bench/bench_quant.py --gpu_mlp                         # GPU: int8 forms against bf16 on that MLP by
                                                                   #   tokens per forward, with and without
                                                                   #   inductor's GEMM autotuning
@@ -467,6 +470,79 @@ def cpu_memory(work: Path, out: Path, threads: int) -> int:
     return 0
 
 
+def cpu_cgroup(work: Path, out: Path, threads: int, fraction: float) -> int:
+    """int8 and bf16 inside a memory budget of `fraction` x bf16's peak while classifying (cpu_memory's last run,
+    or 3.80 GiB): each mode in its own cgroup (v1 memory controller; needs root), from a copy of the checkpoint
+    written with O_DIRECT, so that its pages are not yet in the page cache and are charged to the cgroup that reads
+    them. Whether the mode loads and classifies within the budget (no OOM kill), and at what speed: a mode that
+    needs more than the budget rereads its weights from the file and slows down (issue 12: int8 peak <= 0.6x)."""
+    import shutil
+    import subprocess
+
+    import bench_gpu
+    from bench_predict import random_adapter
+
+    bench_gpu.DEV = torch.device("cpu")
+    ckpt = bench_gpu.build_checkpoint_folder(work / "qwen3-1.7b-shaped")
+    folder = random_adapter(ckpt, work / "full" / "random_adapter")
+    prev = out / "bench_quant_cpu_memory.json"
+    bf16_peak = next((r["rss_peak_small"] for r in json.loads(prev.read_text())["rows"]
+                      if (r["precision"], r["quantize"]) == ("bf16", "none")), None) if prev.is_file() else None
+    limit = int(fraction * (bf16_peak or 3.80 * 2 ** 30))
+    root = Path("/sys/fs/cgroup/memory")
+    if not os.access(root, os.W_OK):
+        print(f"no writable cgroup v1 memory controller at {root}", flush=True)
+        return 1
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH", "")) if x))
+    rows = []
+    for precision, quantize in (("auto", "int8"), ("bf16", "none")):
+        cold = work / "cgroup_checkpoint"
+        shutil.rmtree(cold, ignore_errors=True)
+        cold.mkdir()
+        for f in ckpt.iterdir():
+            if f.suffix == ".safetensors":  # around the page cache: this copy's pages are charged to who reads them
+                subprocess.run(["dd", f"if={f}", f"of={cold / f.name}", "bs=64M", "iflag=direct", "oflag=direct",
+                                "status=none"], check=True)
+            else:
+                shutil.copy(f, cold / f.name)
+        cg = root / f"lft_bench_{os.getpid()}_{quantize}"
+        cg.mkdir()
+        try:
+            (cg / "memory.limit_in_bytes").write_text(str(limit))
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", CPU_MEMORY_CHILD, str(folder), str(cold), precision, quantize],
+                               capture_output=True, text=True, env=env,
+                               preexec_fn=lambda cg=cg: (cg / "cgroup.procs").write_text(str(os.getpid())))
+            wall = time.perf_counter() - t
+            ooms = int(next((x.split()[1] for x in (cg / "memory.oom_control").read_text().splitlines()
+                             if x.startswith("oom_kill ")), 0))
+            row = {"precision": precision, "quantize": quantize, "limit": limit, "rc": r.returncode, "wall_s": wall,
+                   "oom_kills": ooms, "max_usage": int((cg / "memory.max_usage_in_bytes").read_text())}
+            if r.returncode == 0:
+                row.update({k: v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items() if k != "probs"})
+        finally:
+            time.sleep(0.5)
+            cg.rmdir()
+            shutil.rmtree(cold, ignore_errors=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (out / "bench_quant_cpu_cgroup.json").write_text(json.dumps({"threads": threads, "rows": rows}, indent=2))
+    gib = lambda b: b / 2 ** 30  # noqa: E731
+    sizes = next((list(r["seconds"]) for r in rows if "seconds" in r), [])
+    print(f"\nQwen3-1.7B shape on the CPU, {threads} thread(s), each mode in a memory cgroup of {gib(limit):.2f} GiB "
+          f"({fraction:.2f}x bf16's peak while classifying), from an uncached checkpoint\n\n| mode | exit | OOM kills | "
+          "load s | resident peak while loading GiB | " + " | ".join(f"{n} s" for n in sizes) + " |\n|---|---|---|---|"
+          "---|" + "---|" * len(sizes))
+    for r in rows:
+        name = "int8" if r["quantize"] == "int8" else r["precision"]
+        times = " | ".join(f"{r['seconds'][n]:.2f}" for n in sizes) if "seconds" in r else " | ".join("-" * len(sizes))
+        print(f"| {name} | {r['rc']} | {r['oom_kills']} | {r.get('load_s', 0):.1f} | "
+              f"{gib(r.get('rss_load_peak', 0)):.2f} | {times} |")
+    return 0
+
+
 GPU_MLP_VARIANTS = {  # name -> (torchao config kind or None for bf16, inductor settings while compiling)
     "bf16": (None, {}),
     "int8 dynamic (the CPU product config)": ("int8_dynamic", {}),
@@ -588,6 +664,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/lft_bench", help="checkpoint, adapter and bf16 probabilities")
     p.add_argument("--cpu_crossover", type=int, nargs="?", const=torch.get_num_threads(), default=None,
                    metavar="THREADS", help="instead: int8 against fp32 on the CPU by tokens per forward")
+    p.add_argument("--cpu_cgroup", type=int, nargs="?", const=torch.get_num_threads(), default=None,
+                   metavar="THREADS", help="CPU: int8 and bf16 each in a memory cgroup of --budget x bf16's peak "
+                   "(root; the whole 1.7B shape)")
+    p.add_argument("--budget", type=float, default=0.6, help="with --cpu_cgroup: the cgroup's limit as a fraction "
+                   "of bf16's peak while classifying (from --cpu_memory's JSON in --out)")
     p.add_argument("--cpu_memory", type=int, nargs="?", const=torch.get_num_threads(), default=None,
                    metavar="THREADS", help="instead: int8 against fp32 and bf16 on the CPU, whole 1.7B-shaped model: "
                    "resident memory (peak included) and the time of small forwards")
@@ -603,6 +684,9 @@ def main(argv=None) -> int:
     if args.cpu_memory is not None:
         work.mkdir(parents=True, exist_ok=True)
         return cpu_memory(work, out, args.cpu_memory)
+    if args.cpu_cgroup is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        return cpu_cgroup(work, out, args.cpu_cgroup, args.budget)
     if args.gpu_mlp:
         if not torch.cuda.is_available():
             p.error("--gpu_mlp needs a CUDA GPU")

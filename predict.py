@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--checkpoint", default=None, help="base Qwen3 folder (default: the base the adapter recorded)")
     g.add_argument("--max_length", type=int, default=None, help="tokens kept per text (default: the adapter's)")
     g.add_argument("--max_tokens", type=int, default=None,
-                   help="tokens per packed row or padded batch (default: 64 x max_length); lower it on OOM")
+                   help="tokens per packed row or padded batch (default: 64 x max_length; --quantize int8 on the "
+                        "CPU: at most 256, or max_length); lower it on OOM")
     g.add_argument("--threshold", default=None,
                    help='e.g. "暴恐:0.3,色情低俗:0.5": a text reaching a listed label\'s threshold gets that label '
                         "(the most probable such label), otherwise the most probable label")

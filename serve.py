@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds SIGTERM waits for requests in flight before exiting anyway")
     # batching
     p.add_argument("--max_batch_tokens", type=int, default=16384, help="real tokens per forward (a packed row on "
-                   "GPU); texts from concurrent requests share it")
+                   "GPU); texts from concurrent requests share it (--quantize int8 on the CPU splits a batch into "
+                   "forwards of at most 256 tokens, or max_length)")
     p.add_argument("--max_wait_ms", type=float, default=5.0,
                    help="under load, how long the first text queued during a forward waits for others to fill the "
                         "next one (an idle server does not wait)")

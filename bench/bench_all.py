@@ -139,8 +139,8 @@ def table(out: Path, helps: dict, status: dict) -> list[dict]:
         ratio = tps / base_tps if tps and base_tps else None
         if r["rc"] == 0:
             meas = (f"completed, {fmt(tps and tps / 1e3, 'k')} real tokens/s ({fmt(ratio, 'x', 2)} uncapped); peak "
-                    f"allocated {fmt(r.get('peak_alloc_gib'), ' GiB')}, reserved {fmt(r.get('peak_reserved_gib'), ' GiB')}"
-                    + (f"; {r['plan']}" if r.get("plan") else ""))
+                    f"allocated {fmt(r.get('peak_alloc_gib'), ' GiB')}, reserved "
+                    f"{fmt(r.get('peak_reserved_gib'), ' GiB')}" + (f"; {r['plan']}" if r.get("plan") else ""))
         else:
             meas = f"stopped after {r['wall_s']} s: {r.get('error', '')}"
         if target:
@@ -240,7 +240,8 @@ def main(argv=None) -> int:
         th.join()
     rows = table(out, helps, status)
     device = torch.cuda.get_device_name() if gpus else "CPU"
-    print(f"\nIssue 13, on {device} ({len(gpus)} GPU(s), {len(plan)} lane(s)), {time.monotonic() - start:.0f} s in all\n")
+    print(f"\nIssue 13, on {device} ({len(gpus)} GPU(s), {len(plan)} lane(s)), "
+          f"{time.monotonic() - start:.0f} s in all\n")
     print("| goal | what | measured | target | met |\n|---|---|---|---|---|")
     for r in rows:
         met = {True: "yes", False: "**no**", None: "-"}[r["met"]]

@@ -6,7 +6,8 @@ context), the start-up line (the first run starts with a cold compile cache, the
 plan's note, and how a failing run ends. With --small_jobs: test_saved_lora.py on 3,000 texts with the uncapped
 run's adapter, at auto flags and with --compile off --cuda_graphs off (wall time of the whole command).
 
-    python bench/bench_memory.py [--steps 320] [--caps none,22,14] [--fp16] [--eager] [--older] [--small_jobs] [--out DIR]
+    python bench/bench_memory.py [--steps 320] [--caps none,22,14] [--fp16] [--eager] [--older] [--small_jobs]
+                                 [--out DIR]
 
 --older runs the path auto picks on a GPU without bf16 or flash varlen attention (compute capability < 8.0, such as a
 V100 or T4): --fp16 --attn_implementation sdpa (and so no CUDA graphs, which need varlen).

@@ -532,7 +532,8 @@ def cpu_cgroup(work: Path, out: Path, threads: int, fraction: float) -> int:
     gib = lambda b: b / 2 ** 30  # noqa: E731
     sizes = next((list(r["seconds"]) for r in rows if "seconds" in r), [])
     print(f"\nQwen3-1.7B shape on the CPU, {threads} thread(s), each mode in a memory cgroup of {gib(limit):.2f} GiB "
-          f"({fraction:.2f}x bf16's peak while classifying), from an uncached checkpoint\n\n| mode | exit | OOM kills | "
+          f"({fraction:.2f}x bf16's peak while classifying), from an uncached checkpoint\n\n| mode | exit | "
+          "OOM kills | "
           "load s | resident peak while loading GiB | " + " | ".join(f"{n} s" for n in sizes) + " |\n|---|---|---|---|"
           "---|" + "---|" * len(sizes))
     for r in rows:

@@ -31,9 +31,10 @@ The modes:
         load gives (a bf16 value widens exactly), and what stays float (norms, LoRA, head) is float32 as without
         --quantize. The whole Qwen3-1.7B shape on 2 cores of an AVX512-BF16 EPYC (bench/RESULTS.md, session 10):
         2.13 GiB after loading (0.57x --bf16's), a peak while classifying of 0.56-0.59x bf16's, and 1.02-1.45x
-        --bf16's speed (three runs), 3-4x fp32's, from one 70-token text to 2,048 tokens. With oneDNN capped at AVX512-VNNI (a
-        CPU without native bf16), its MLP ran 1.3-8x bf16 and 2-4x fp32 at every size. On an AMX Xeon --bf16 was
-        faster (int8 0.36-0.85x on the MLP): the scripts say so there (int8_note).
+        --bf16's speed (three runs), 3-4x fp32's, from one 70-token text to 2,048 tokens; in a memory cgroup of
+        0.6x bf16's peak it loads and classifies at full speed. With oneDNN capped at AVX512-VNNI (a CPU without
+        native bf16), its MLP ran 1.3-8x bf16 and 2-4x fp32 at every size. On an AMX Xeon --bf16 was faster (int8
+        0.36-0.85x on the MLP): the scripts say so there (int8_note).
         Refused on a GPU (H200, torchao 0.18, bench/RESULTS.md): on a whole 1.7B-shaped model weight-only ran at
         0.3k tokens/s against 153k (run 11) and dynamic activations at 0.87x bf16, 1 / 8 / 64 texts in 4.7 / 6.2 /
         41.2 ms against 4.1 / 5.1 / 35.8 (run 13); on one compiled MLP replayed as a CUDA graph, dynamic
@@ -57,8 +58,8 @@ FP8_MIN_CAPABILITY = (8, 9)
 # int8 on the CPU runs forwards of at most this many tokens (or one text of max_length, if longer; forward_tokens):
 # its peak memory grows with the forward, and its cost per token too past a few hundred tokens. Whole Qwen3-1.7B
 # shape, 2 cores (bench/RESULTS.md, session 10): a forward of 2,048 tokens peaked at 0.73x bf16's memory and cost
-# 9.6 ms a token (bf16, uncapped: 8.9-9.4); capped at 512 tokens, 0.598-0.607x and 6.3-7.0 ms; at 256, 0.587x in
-# all three runs and 7.2-8.0 ms
+# 9.6 ms a token (bf16, uncapped: 8.9-9.4); capped at 512 tokens, 0.592-0.607x and 6.3-8.3 ms; at 256, 0.586-0.587x
+# in four runs and 7.2-8.2 ms
 INT8_CPU_ROW_TOKENS = 256
 EMBEDDING_CHUNK = 8192  # embedding rows widened to float32 at a time while they are quantised
 FP8_BF16_LAYERS = 2  # the first decoder layers stay bf16 under fp8 (a quarter of the layers at most: see fp8 above)

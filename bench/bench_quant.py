@@ -420,13 +420,10 @@ print(json.dumps({'precision': precision, 'quantize': quantize, 'load_s': load_s
 """
 
 
-def cpu_memory(work: Path, out: Path, threads: int) -> int:
-    """int8 on the CPU (with float32 activations, and with --bf16's) against fp32 and bf16 on the whole Qwen3-1.7B
-    shape (random bf16 checkpoint, as Qwen3's own files store it, and a random adapter), each in its own process:
-    resident memory after loading, at its peak while classifying (forwards of up to 512 tokens, then 2,048) and
-    while loading, and the time of those forwards (issue 12's int8 goal: peak memory <= 0.6x bf16)."""
-    import subprocess
-
+def cpu_whole_model(work: Path, threads: int) -> tuple[Path, Path, dict]:
+    """(checkpoint, adapter, child environment) of the CPU benches on the whole model (cpu_memory, cpu_cgroup): the
+    Qwen3-1.7B shape as Qwen3's own files store it (random bf16 weights), a random adapter, and the environment of a
+    child process (this repository on its path, `threads` threads)."""
     import bench_gpu
     from bench_predict import random_adapter
 
@@ -436,6 +433,17 @@ def cpu_memory(work: Path, out: Path, threads: int) -> int:
     repo = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH", "")) if x))
+    return ckpt, folder, env
+
+
+def cpu_memory(work: Path, out: Path, threads: int) -> int:
+    """int8 on the CPU (with float32 activations, and with --bf16's) against fp32 and bf16 on the whole Qwen3-1.7B
+    shape (random bf16 checkpoint, as Qwen3's own files store it, and a random adapter), each in its own process:
+    resident memory after loading, at its peak while classifying (forwards of up to 512 tokens, then 2,048) and
+    while loading, and the time of those forwards (issue 12's int8 goal: peak memory <= 0.6x bf16)."""
+    import subprocess
+
+    ckpt, folder, env = cpu_whole_model(work, threads)
     rows = []
     for precision, quantize in (("fp32", "none"), ("bf16", "none"), ("auto", "int8"), ("bf16", "int8")):
         r = subprocess.run([sys.executable, "-c", CPU_MEMORY_CHILD, str(folder), str(ckpt), precision, quantize],
@@ -479,12 +487,7 @@ def cpu_cgroup(work: Path, out: Path, threads: int, fraction: float) -> int:
     import shutil
     import subprocess
 
-    import bench_gpu
-    from bench_predict import random_adapter
-
-    bench_gpu.DEV = torch.device("cpu")
-    ckpt = bench_gpu.build_checkpoint_folder(work / "qwen3-1.7b-shaped")
-    folder = random_adapter(ckpt, work / "full" / "random_adapter")
+    ckpt, folder, env = cpu_whole_model(work, threads)
     prev = out / "bench_quant_cpu_memory.json"
     bf16_peak = next((r["rss_peak_small"] for r in json.loads(prev.read_text())["rows"]
                       if (r["precision"], r["quantize"]) == ("bf16", "none")), None) if prev.is_file() else None
@@ -493,9 +496,6 @@ def cpu_cgroup(work: Path, out: Path, threads: int, fraction: float) -> int:
     if not os.access(root, os.W_OK):
         print(f"no writable cgroup v1 memory controller at {root}", flush=True)
         return 1
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH", "")) if x))
     rows = []
     for precision, quantize in (("auto", "int8"), ("bf16", "none")):
         cold = work / "cgroup_checkpoint"

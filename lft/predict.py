@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import data as D
 from .common import UserError, release_freed_memory
 from .labels import choose_labels, parse_thresholds  # noqa: F401  (the API's thresholds; torch-free there)
+from .quantize import check_quantize, forward_tokens, load_dtype, on_cpu_int8, quantize_model
 from .runtime import Runtime, autocast
 
 
@@ -44,8 +45,6 @@ class Predictor:
     """Probabilities of a model's texts, by the runtime's path (eager padded, eager packed, or CUDA graphs)."""
 
     def __init__(self, model, runtime: Runtime, pad_id: int, max_length: int, quantize: str = "none"):
-        from .quantize import on_cpu_int8
-
         self.model, self.rt, self.pad_id, self.max_length = model, runtime, pad_id, max_length
         self.quantize = quantize  # the lft.quantize mode the model was quantised with (forward_tokens)
         self._graphs = None  # lft.cuda_graphs.RowGraphs, made on first use
@@ -57,8 +56,6 @@ class Predictor:
     def batches(self, lengths: np.ndarray, rank: int = 0, world: int = 1, max_tokens: int | None = None):
         """Evaluation batches of this rank: each text once over all ranks, rows bounded by `max_tokens` (int8 on
         the CPU: by lft.quantize.forward_tokens)."""
-        from .quantize import forward_tokens
-
         self.row_tokens = forward_tokens(self.quantize, self.rt.device, max_tokens or 32 * self.max_length,
                                          self.max_length)
         return D.eval_batches(lengths, rank, world, max_tokens=self.row_tokens, packed=self.rt.eval_graphs)
@@ -145,8 +142,6 @@ class Classifier:
 
     def __init__(self, model, tokenizer, meta: dict, runtime: Runtime, max_length: int | None = None,
                  max_tokens: int | None = None, quantize: str = "none"):
-        from .quantize import forward_tokens
-
         self.model, self.tokenizer, self.meta, self.runtime = model, tokenizer, meta, runtime
         self.labels: list[str] = list(meta["labels"])
         self.max_length = max_length or meta["max_length"]
@@ -172,7 +167,6 @@ class Classifier:
         the float attributes became constants)."""
         from . import adapter
         from . import runtime as R
-        from .quantize import check_quantize, load_dtype, quantize_model
         import qwen3_classification_direct as qcd
 
         args = args or runtime_args(device, precision)

@@ -144,7 +144,7 @@ def int8_note(mode: str, device) -> str | None:
     is faster (bench/RESULTS.md, session 10): int8 is the memory option there. Elsewhere int8 was the faster option
     as well: on 2 cores of an AVX512-BF16 EPYC, 1.02-1.45x --bf16 and 3-4x fp32 on the whole 1.7B shape; with oneDNN
     capped at AVX512-VNNI (no native bf16), 1.3-8x bf16 and 2-4x fp32 on its MLP."""
-    if mode != "int8" or _gpu(device) is not None or not cpu_has_amx():
+    if not on_cpu_int8(mode, device) or not cpu_has_amx():
         return None
     return f"--quantize int8 is a memory option here: {AMX_NOTE}"
 
@@ -313,6 +313,8 @@ def int8_linear_class() -> type:
 
 
 def on_cpu_int8(mode: str, device) -> bool:
+    """Whether `mode` is int8 on the CPU (`device`: a --device flag or a torch.device), where the CPU-only int8 rules
+    apply (load_dtype, forward_tokens, int8_note, Predictor's memory release)."""
     return mode == "int8" and _gpu(device) is None
 
 
@@ -326,7 +328,7 @@ def load_dtype(mode: str, runtime):
     """The dtype a base model is loaded in before quantize_model: the runtime's, except int8 on the CPU, which
     loads the checkpoint as its files store it ("auto": bf16 for Qwen3's own weights) and widens piece by piece
     while quantising, so a float32 copy of the whole model never exists (a float32 base stays float32)."""
-    if mode == "int8" and runtime.device.type == "cpu" and runtime.weight_dtype == torch.float32:
+    if on_cpu_int8(mode, runtime.device) and runtime.weight_dtype == torch.float32:
         return "auto"
     return runtime.weight_dtype
 

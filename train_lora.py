@@ -166,12 +166,17 @@ def check_args(args) -> None:
 
 # --- set-up ---------------------------------------------------------------------------------------------
 
-def load_data(args, labels) -> dict[str, D.Split]:
-    """Read and check every row of every split (fast); warnings are printed, errors raised."""
-    splits = {name: D.load_split(path, labels, args.text_column, args.label_column)
-              for name in ("train", "val", "test") if (path := getattr(args, f"{name}_data"))}
-    splits, notes = D.check_splits(splits, labels, args.dedup)
-    for line in [n for s in splits.values() for n in s.notes] + notes:
+def read_data(args, labels) -> "D.ReadInBackground":
+    """Every row of every split read and checked: in a process of its own, started now, for large files (the
+    original recipe's), in .result() otherwise."""
+    paths = {name: path for name in ("train", "val", "test") if (path := getattr(args, f"{name}_data"))}
+    return D.ReadInBackground(paths, labels, args.text_column, args.label_column, args.dedup)
+
+
+def load_data(reading: "D.ReadInBackground") -> dict[str, D.Split]:
+    """The splits read_data read; warnings are printed, errors raised."""
+    splits, warnings = reading.result()
+    for line in warnings:
         dist.print0(f"warning: {line}")
     return splits
 
@@ -419,27 +424,34 @@ class Trainer:
         self.__dict__.update(parts)
 
     @classmethod
-    def setup(cls, args, d: "dist.Dist") -> "Trainer":
+    def setup(cls, args, d: "dist.Dist", reading: "D.ReadInBackground | None" = None) -> "Trainer":
         """Check everything that can be wrong before writing anything, cheapest first: the base model's files,
         the output folder, the checkpoint to resume, every data row; then the model on the device (and one
-        worst-case step on a GPU) and the disk space for its checkpoints; only then tokenise."""
+        worst-case step on a GPU) and the disk space for its checkpoints; only then tokenise. Large data files
+        are read in a process of their own meanwhile (read_data; main starts it before torch is imported), and
+        the tokenizer loads while it reads."""
         t_start, times = time.perf_counter(), {}
         labels = parse_labels(args.labels)
         out = Path(args.output_dir)
-        rt = R.resolve(args, d.device, d.world, training=True)
-        base.check_folder(args.checkpoint)  # reads only headers (seconds)
-        outdir.check_output_dir(out, resuming=bool(args.resume_from_checkpoint))
-        resume = C.find_checkpoint(args.resume_from_checkpoint, out)  # the newest that verifies
-        saved = None
-        if resume is not None:
-            saved = C.check_resume(resume, labels, args.pooling, lora_spec(args))
-            warn_changed_recipe(resume, saved.get("args", {}), args, d.world)
-        splits = load_data(args, labels)
+        tokenizer = None
+        with reading or read_data(args, labels) as reading:  # an error below ends the reading process
+            rt = R.resolve(args, d.device, d.world, training=True)
+            base.check_folder(args.checkpoint)  # reads only headers (seconds)
+            outdir.check_output_dir(out, resuming=bool(args.resume_from_checkpoint))
+            resume = C.find_checkpoint(args.resume_from_checkpoint, out)  # the newest that verifies
+            saved = None
+            if resume is not None:
+                saved = C.check_resume(resume, labels, args.pooling, lora_spec(args))
+                warn_changed_recipe(resume, saved.get("args", {}), args, d.world)
+            if reading.in_process:
+                tokenizer = qcd.load_tokenizer(args.checkpoint)
+            splits = load_data(reading)
         rt, note = R.for_job(rt, args, estimated_tokens(splits, args, d.world), "training")
         if note:
             dist.print0(f"note: {note}")
-        R.start_compile_workers(rt)  # they come up while the tokenizer and the model load
-        tokenizer = qcd.load_tokenizer(args.checkpoint)
+        R.start_compile_workers(rt)  # they come up while the model loads
+        if tokenizer is None:
+            tokenizer = qcd.load_tokenizer(args.checkpoint)
         t_tok = time.perf_counter()
 
         def tokenise():
@@ -779,10 +791,15 @@ class Window:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    d = dist.setup_distributed(args.device)
+    reading = read_data(args, parse_labels(args.labels))  # large files: read while torch and the model load
+    try:
+        d = dist.setup_distributed(args.device)
+    except BaseException:
+        reading.cancel()
+        raise
     try:
         with explain_oom(OOM_FIX), StopRequest() as stop:
-            t = Trainer.setup(args, d)
+            t = Trainer.setup(args, d, reading)
             status = t.fit(stop)
             if status:
                 return status

@@ -17,6 +17,7 @@
 #   firststep bench/bench_startup.py --train (train_lora.py, original recipe: launch to step 1, cold and warm;
 #             STARTUP_PROFILE=1: a third run's set-up under cProfile)
 #   full      bench/bench_gpu.py --full_recipe (the original full recipe end to end, from launch)
+#   imports   bench/bench_imports.py (import times, -X importtime): with the carried wheels, then the image's alone
 #   all       bench/bench_all.py (issue 13's rows in one call: one lane per GPU; its deadline is the phase's limit)
 set -uo pipefail
 # torchao goes in a folder of its own, on the path only for the phases that quantise (tests, quant): it is not in
@@ -32,6 +33,15 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # PYCACHE=1 keeps them in /tmp/pycache for the session, as an installed environment has them.
 python3 -c "import sys, os, sysconfig; p = sysconfig.get_paths()['purelib']; print('bytecode: dont_write', sys.dont_write_bytecode, 'prefix', sys.pycache_prefix, 'site-packages', p, 'writable', os.access(p, os.W_OK), 'transformers pycache', os.path.isdir(os.path.join(p, 'transformers', '__pycache__')))"
 if [ -n "${PYCACHE:-}" ]; then unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=/tmp/pycache; fi
+# CLEAN=1: run in a virtual environment of requirements.txt's distributions alone (bench/clean_venv.py: links into
+# the image's and the carried packages), as a user's `pip install -r requirements.txt` makes: ~100 distributions
+# against the image's 216, which torch, networkx and dynamo list at every start. Falls back to the image if an import fails.
+if [ -n "${CLEAN:-}" ]; then
+  warm="import torch, torch._dynamo, torch._inductor.compile_fx, transformers, peft, pandas, sklearn.metrics, matplotlib.pyplot, openpyxl, fastapi, uvicorn; from transformers import Qwen3Model, AutoTokenizer"
+  if python3 bench/clean_venv.py /tmp/cleanvenv && PYTHONPATH=$PWD /tmp/cleanvenv/bin/python3 -c "$warm"; then
+    export PATH=/tmp/cleanvenv/bin:$PATH PYTHONPATH=$PWD; echo "environment: /tmp/cleanvenv (requirements.txt only)"
+  else echo "environment: the image's (the clean one failed)"; fi
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 mkdir -p "$OUT"
@@ -55,6 +65,7 @@ for spec in "$@"; do
     small)   cmd=(python3 bench/bench_startup.py --small_jobs --runs "${STARTUP_RUNS:-2}" --out "$OUT/small") ;;
     firststep) cmd=(python3 bench/bench_startup.py --train ${STARTUP_PROFILE:+--profile} --out "$OUT/firststep") ;;
     full)    cmd=(python3 bench/bench_gpu.py --full_recipe --out "$OUT/full") ;;
+    imports) cmd=(bash -c 'python3 bench/bench_imports.py --out "$OUT/imports" && PYTHONPATH=$PWD python3 bench/bench_imports.py --out "$OUT/imports"') ;;
     all)     cmd=(python3 bench/bench_all.py --out "$OUT/all" --deadline $((limit - 15))) ;;
     *) echo "unknown phase $phase"; continue ;;
   esac

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .common import UserError, gc_paused
+from .common import UserError, gc_paused, lazy_import
 from .tables import is_missing, read_table_rows
 
 from .labels import DEFAULT_LABELS, clean_label, parse_labels  # noqa: F401  (re-exported)
+
+# torch loads on first use: read_splits runs in a process of its own that never needs it (ReadInBackground)
+torch = lazy_import("torch")
 
 
 def _row_name(path: Path, i: int, lines=None) -> int:
@@ -232,6 +234,104 @@ def check_splits(splits: dict[str, Split], labels, dedup: bool = False) -> tuple
                     notes.append(f"{out[name].path}: label(s) {', '.join(labels[i] for i in miss)} ({n} {name} "
                                  f"rows) never occur in train ({out['train'].path}); the model cannot learn them")
     return out, notes
+
+
+def read_splits(paths: dict[str, str], labels, text_column: str, label_column: str,
+                dedup: bool = False) -> tuple[dict[str, Split], list[str]]:
+    """Every split read and checked (load_split each, then check_splits across them), and the warnings to print:
+    each split's notes, then the notes across splits."""
+    splits = {name: load_split(path, labels, text_column, label_column) for name, path in paths.items()}
+    splits, notes = check_splits(splits, labels, dedup)
+    return splits, [n for s in splits.values() for n in s.notes] + notes
+
+
+READ_PROCESS_BYTES = 4 << 20  # data files together at least this big are read by ReadInBackground's process
+
+
+class ReadInBackground:
+    """read_splits(...) in a process of its own, started now, where the files together hold at least
+    READ_PROCESS_BYTES; result() waits for it. Parsing and checking every row is Python work that holds the GIL
+    (the original recipe's 63,000 texts: ~1.5 s on an H200 host), so a thread could not overlap it; a process
+    runs it while the caller starts CUDA and loads the tokenizer and the model. The process is a fresh
+    interpreter (`python -c`, not multiprocessing: nothing of a parent that may hold CUDA or threads is
+    inherited, and no caller's __main__ is run again); it imports this module, which loads no torch, so it is up
+    in a fraction of a second. Smaller files are read in result(), in this process: there a second interpreter
+    would cost more than it saves. An error in the process is raised by result() as if read here (a UserError
+    stays one); cancel(), or leaving a `with` block, ends the process."""
+
+    def __init__(self, paths: dict[str, str], labels, text_column: str, label_column: str, dedup: bool = False,
+                 min_bytes: int | None = None):
+        self._call = ({name: str(p) for name, p in paths.items()}, list(labels), text_column, label_column, dedup)
+        self._proc = self._out = None
+        size = sum(Path(p).stat().st_size for p in paths.values() if Path(p).is_file())
+        if size >= (READ_PROCESS_BYTES if min_bytes is None else min_bytes):
+            import pickle
+            import subprocess
+            import sys
+            import tempfile
+
+            root = str(Path(__file__).resolve().parent.parent)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+            self._out = tempfile.TemporaryFile()  # the answer: a pipe would fill up and stall the reader
+            self._proc = subprocess.Popen([sys.executable, "-c", "from lft.data import _read_splits_child as f; f()"],
+                                          stdin=subprocess.PIPE, stdout=self._out, env=env)
+            self._proc.stdin.write(pickle.dumps(self._call))
+            self._proc.stdin.close()
+
+    @property
+    def in_process(self) -> bool:
+        return self._proc is not None
+
+    def result(self) -> tuple[dict[str, Split], list[str]]:
+        if self._proc is None:
+            return read_splits(*self._call)
+        import pickle
+
+        try:
+            rc = self._proc.wait()
+            self._out.seek(0)
+            data = self._out.read()
+        finally:
+            self.cancel()
+        if rc != 0 or not data:
+            raise RuntimeError(f"reading the data in a second process failed (exit status {rc}); its error is "
+                               "above")
+        ok, value = pickle.loads(data)
+        if not ok:
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait()
+            self._out.close()
+            self._proc = None
+
+    def __enter__(self) -> "ReadInBackground":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+
+def _read_splits_child() -> None:
+    """ReadInBackground's process: the call from stdin, (True, result) or (False, error) pickled to stdout."""
+    import pickle
+    import sys
+
+    call = pickle.loads(sys.stdin.buffer.read())
+    try:
+        answer = (True, read_splits(*call))
+    except Exception as e:  # noqa: BLE001 - raised again in the parent by result()
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
+            e = RuntimeError(f"{type(e).__name__}: {e}")
+        answer = (False, e)
+    sys.stdout.buffer.write(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+    sys.stdout.flush()
 
 
 def encode_texts(tokenizer, texts: list[str], threads: int = 1, chunk: int = 2048, progress=None) -> list[list[int]]:

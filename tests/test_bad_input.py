@@ -255,6 +255,46 @@ def test_dedup_drops_from_train_only(frames, demo_data, tmp_path):
     assert len(unchanged["train"]) == 224 and len(notes) == 2
 
 
+def test_reading_in_a_second_process_gives_the_same_splits_and_errors(frames, demo_data, tmp_path):
+    """train_lora.py reads large data files in a process of its own (lft.data.ReadInBackground). Forced on the
+    demo files here, it gives what reading in this process gives: the same texts, labels, file rows and warnings
+    (--dedup and the notes across splits included), and the same one-line error for a bad row."""
+    from lft.data import ReadInBackground, read_splits
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    paths = {**demo_data, **overlap(folder, frames)[0]}
+    call = (paths, DEFAULT_LABELS, "text_cn", "extracted_label", True)
+    here = read_splits(*call)
+    with ReadInBackground(*call, min_bytes=0) as reading:
+        assert reading.in_process
+        there = reading.result()
+    assert there[1] == here[1] and len(here[1]) == 2
+    assert there[0].keys() == here[0].keys()
+    for name, a in here[0].items():
+        b = there[0][name]
+        assert (b.path, b.texts, b.lines, b.notes) == (a.path, a.texts, a.lines, a.notes)
+        assert b.labels.tolist() == a.labels.tolist() and b.rows.tolist() == a.rows.tolist()
+    (tmp_path / "bad").mkdir()
+    bad = {**demo_data, **unknown_labels(tmp_path / "bad", frames)[0]}
+    expected = one_line_error(read_splits, bad, DEFAULT_LABELS, "text_cn", "extracted_label")
+    with ReadInBackground(bad, DEFAULT_LABELS, "text_cn", "extracted_label", min_bytes=0) as reading:
+        assert one_line_error(reading.result) == expected
+    with ReadInBackground(paths, DEFAULT_LABELS, "text_cn", "extracted_label", min_bytes=0) as reading:
+        proc = reading._proc
+    assert proc.poll() is not None  # leaving the block ended the process
+    small = ReadInBackground(paths, DEFAULT_LABELS, "text_cn", "extracted_label")  # the demo's files are small:
+    assert not small.in_process and small.result()[1] == read_splits(*call[:4])[1]  # read here, in result()
+
+
+def test_the_data_module_imports_no_torch():
+    """ReadInBackground's process imports lft.data alone; with torch it would take seconds to start."""
+    code = "import sys, lft.data; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                       cwd=REPO, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
 # --- as users run them: a subprocess, exit status 2, one line, no traceback ----------------------------------
 
 CLI_CASES = ("missing file", "missing column", "unknown label names", "empty or NaN texts", "empty file (0 bytes)")

@@ -101,7 +101,7 @@ def run(args, d) -> int:
     # the reports' imports (scikit-learn, matplotlib: ~1 s) run while the evaluation waits on the GPU, started when
     # the main thread has done its own imports (none of them shared: no module is imported by two threads at once)
     predictor = predict.Predictor(model, rt, tokenizer.pad_token_id, max_length, args.quantize)
-    reports = Background(metrics.warm_up) if d.main else None
+    reports = Background(lambda: metrics.warm_up(args.predictions_format)) if d.main else None
     try:
         probs = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world,
                                                                    max_tokens=args.batch_size * max_length))

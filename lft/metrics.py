@@ -95,15 +95,19 @@ def cjk_font() -> str | None:
     return sorted(system)[0] if system else None
 
 
-def warm_up() -> None:
-    """Import what the reports need, ahead of use: scikit-learn's metrics and matplotlib with its CJK font.
-    test_saved_lora.py runs this in a thread while its main thread waits on the GPU (~1 s of imports)."""
+def warm_up(table_format: str | None = None) -> None:
+    """Import what the reports need, ahead of use: scikit-learn's metrics, matplotlib with its CJK font and, for
+    an .xlsx predictions table, openpyxl. test_saved_lora.py runs this in a thread while its main thread waits on
+    the GPU (~1.5 s of imports on an H200 host with transformers 5.23, which no longer imports scikit-learn
+    itself: bench/RESULTS.md run 38)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
     import sklearn.metrics  # noqa: F401
 
+    if table_format == "xlsx":
+        import openpyxl  # noqa: F401
     cjk_font()
 
 

@@ -102,7 +102,7 @@ def test_test_saved_lora_reports_do_not_depend_on_their_warm_up(model, demo_data
     lost: the script goes on, and the imports run again where the reports need them."""
     from lft import metrics
 
-    def broken():
+    def broken(table_format=None):
         raise ImportError("no matplotlib here")
     monkeypatch.setattr(metrics, "warm_up", broken)
     out = tmp_path / "eval"

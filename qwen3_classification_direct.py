@@ -19,7 +19,9 @@ Two input layouts reach the same function:
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -176,6 +178,17 @@ def load_tokenizer(checkpoint):
     return tok
 
 
+@contextlib.contextmanager
+def tokenizer_meanwhile(checkpoint):
+    """Load the checkpoint's tokenizer in a second thread for the duration of the block; yields its future. The
+    tokenizer costs about a second of parsing tokenizer.json on the CPU; the block moves the weights to the
+    device and checksums them, work that leaves Python's lock free, so the two overlap. Start it after the
+    backbone's from_pretrained, so the two threads never import modules at the same time. On leaving the block
+    the thread has finished; an error in it is raised by .result()."""
+    with ThreadPoolExecutor(1, thread_name_prefix="lft-tokenizer") as pool:
+        yield pool.submit(load_tokenizer, checkpoint)
+
+
 def load_backbone(checkpoint, dtype=torch.float32, attn_implementation: str = "sdpa", prefix: str = ""):
     """The plain Qwen3Model of a local folder (no LM head). `prefix`: where the decoder's weights sit in the
     files ("model." in a merged Qwen3ForSequenceClassification folder); the other tensors there (the score
@@ -215,17 +228,19 @@ def add_lora(model: Qwen3Classifier, r: int = 8, alpha: int = 16, dropout: float
 
 
 def build_classifier(checkpoint, labels=DEFAULT_LABELS, dropout=0.1, pooling="last", dtype=torch.float32,
-                     attn_implementation="sdpa", lora: dict | None = None, device="cpu"):
+                     attn_implementation="sdpa", lora: dict | None = None, device="cpu", with_tokenizer=False):
     """(model on `device`, base identity) for training: base from `checkpoint`, a fresh head, LoRA if asked.
-    The identity (lft.base) reads every weight, so it is taken where the model will run."""
+    The identity (lft.base) reads every weight, so it is taken where the model will run. `with_tokenizer`:
+    (model, identity, tokenizer), the tokenizer loaded while the weights move (tokenizer_meanwhile)."""
     checkpoint = base.check_folder(checkpoint)
     backbone = load_backbone(checkpoint, dtype, attn_implementation)
-    backbone.to(device)
-    identity = base.identity(checkpoint, backbone)
+    with tokenizer_meanwhile(checkpoint) if with_tokenizer else contextlib.nullcontext() as tokenizer:
+        backbone.to(device)
+        identity = base.identity(checkpoint, backbone)
     model = Qwen3Classifier(backbone, len(labels), dropout, pooling).to(device)
     if lora is not None:
         add_lora(model, **lora)
-    return model, identity
+    return (model, identity, tokenizer.result()) if with_tokenizer else (model, identity)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

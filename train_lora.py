@@ -428,12 +428,11 @@ class Trainer:
         """Check everything that can be wrong before writing anything, cheapest first: the base model's files,
         the output folder, the checkpoint to resume, every data row; then the model on the device (and one
         worst-case step on a GPU) and the disk space for its checkpoints; only then tokenise. Large data files
-        are read in a process of their own meanwhile (read_data; main starts it before torch is imported), and
-        the tokenizer loads while it reads."""
+        are read in a process of their own meanwhile (read_data; main starts it before torch is imported); the
+        tokenizer loads while the weights move to the device, and the texts are tokenised during the compile."""
         t_start, times = time.perf_counter(), {}
         labels = parse_labels(args.labels)
         out = Path(args.output_dir)
-        tokenizer = None
         with reading or read_data(args, labels) as reading:  # an error below ends the reading process
             rt = R.resolve(args, d.device, d.world, training=True)
             base.check_folder(args.checkpoint)  # reads only headers (seconds)
@@ -443,31 +442,27 @@ class Trainer:
             if resume is not None:
                 saved = C.check_resume(resume, labels, args.pooling, lora_spec(args))
                 warn_changed_recipe(resume, saved.get("args", {}), args, d.world)
-            if reading.in_process:
-                tokenizer = qcd.load_tokenizer(args.checkpoint)
             splits = load_data(reading)
         rt, note = R.for_job(rt, args, estimated_tokens(splits, args, d.world), "training")
         if note:
             dist.print0(f"note: {note}")
         R.start_compile_workers(rt)  # they come up while the model loads
-        if tokenizer is None:
-            tokenizer = qcd.load_tokenizer(args.checkpoint)
+        torch.manual_seed(args.seed)  # same head init on every rank
+        t = time.perf_counter()
+        times["data"] = t - t_start
+        with explain_oom("the base model alone does not fit on this GPU: use --bf16 or a smaller Qwen3"):
+            model, identity, tokenizer = qcd.build_classifier(
+                args.checkpoint, labels, args.dropout, args.pooling, rt.weight_dtype, rt.attn, lora=lora_spec(args),
+                device=d.device, with_tokenizer=True)
+        if saved is not None:  # before anything is written: a checkpoint of another base must not mix with this one
+            base.check_same_base(saved["base"], identity, resume)
+        times["load"], t = time.perf_counter() - t, time.perf_counter()
         t_tok = time.perf_counter()
 
         def tokenise():
             warnings = tokenize_data(splits, tokenizer, args, d, show=False)  # no bar beside the loading lines
             return warnings, time.perf_counter() - t_tok
         tokenising = Background(tokenise)  # a text that tokenises to nothing still stops the run before it writes
-
-        torch.manual_seed(args.seed)  # same head init on every rank
-        t = time.perf_counter()
-        times["data"] = t - t_start
-        with explain_oom("the base model alone does not fit on this GPU: use --bf16 or a smaller Qwen3"):
-            model, identity = qcd.build_classifier(args.checkpoint, labels, args.dropout, args.pooling,
-                                                   rt.weight_dtype, rt.attn, lora=lora_spec(args), device=d.device)
-        if saved is not None:  # before anything is written: a checkpoint of another base must not mix with this one
-            base.check_same_base(saved["base"], identity, resume)
-        times["load"], t = time.perf_counter() - t, time.perf_counter()
         if rt.compile:
             qcd.compile_decoder_layers(model)
         probe = memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
@@ -492,7 +487,7 @@ class Trainer:
         before = f"start-up {launched - setup_s:.1f} s, " if launched is not None else ""
         dist.print0(f"ready in {launched if launched is not None else setup_s:.1f} s ({before}checks and data "
                     f"{times['data']:.1f} s, load {times['load']:.1f} s, compile and memory probe "
-                    f"{times['compile']:.1f} s, tokenise {times['tokenise']:.1f} s in parallel with them: "
+                    f"{times['compile']:.1f} s, tokenise {times['tokenise']:.1f} s beside the compile: "
                     f"{times['waited']:.1f} s after)")
         t = cls(args=args, d=d, rt=rt, labels=labels, out=out, splits=splits, tokenizer=tokenizer, model=model,
                 identity=identity, resume=resume, row_tokens=row_tokens)

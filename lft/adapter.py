@@ -13,9 +13,7 @@ with its shape, nothing extra, all values finite, lora_alpha/r as recorded, and 
 """
 from __future__ import annotations
 
-import contextlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -87,7 +85,7 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
     if is_merged(folder):
         checkpoint = base.check_folder(folder, flag="--lora_model")
         backbone = qcd.load_backbone(folder, dtype, attn_implementation, prefix="model.")
-        with _tokenizer_meanwhile(checkpoint) as tokenizer:
+        with qcd.tokenizer_meanwhile(checkpoint) as tokenizer:
             backbone = backbone.to(device)
             base.tensor_checksums(backbone, folder, flag="--lora_model")  # refuses NaN/inf weights
         head = _merged_head(folder)
@@ -103,7 +101,7 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
             checkpoint = recorded
         checkpoint = base.check_folder(checkpoint)
         backbone = qcd.load_backbone(checkpoint, dtype, attn_implementation)
-        with _tokenizer_meanwhile(checkpoint) as tokenizer:
+        with qcd.tokenizer_meanwhile(checkpoint) as tokenizer:
             backbone = backbone.to(device)
             base.check_same_base(meta["base"], base.identity(checkpoint, backbone), folder)
         head = None
@@ -118,17 +116,6 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
         model.backbone = get_peft_model(model.backbone, config, autocast_adapter_dtype=True)
         load_adapter_weights(model, folder)
     return model.eval(), tokenizer, meta
-
-
-@contextlib.contextmanager
-def _tokenizer_meanwhile(checkpoint):
-    """Load the checkpoint's tokenizer in a second thread for the duration of the block; yields its future. The
-    tokenizer costs about a second of parsing tokenizer.json on the CPU; the block moves the weights to the
-    device and checksums them, work that leaves Python's lock free, so the two overlap. Start it after the
-    backbone's from_pretrained, so the two threads never import modules at the same time. On leaving the block
-    the thread has finished; an error in it is raised by .result()."""
-    with ThreadPoolExecutor(1, thread_name_prefix="lft-tokenizer") as pool:
-        yield pool.submit(qcd.load_tokenizer, checkpoint)
 
 
 def _lora_config(folder: Path, meta: dict, LoraConfig):

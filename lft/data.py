@@ -256,8 +256,9 @@ class ReadInBackground:
     interpreter (`python -c`, not multiprocessing: nothing of a parent that may hold CUDA or threads is
     inherited, and no caller's __main__ is run again); it imports this module, which loads no torch, so it is up
     in a fraction of a second. Smaller files are read in result(), in this process: there a second interpreter
-    would cost more than it saves. An error in the process is raised by result() as if read here (a UserError
-    stays one); cancel(), or leaving a `with` block, ends the process."""
+    would cost more than it saves. The call and the answer travel as JSON (through a pipe and an unnamed temporary
+    file): nothing is unpickled. A UserError in the process is raised by result() as the same UserError; cancel(),
+    or leaving a `with` block, ends the process."""
 
     def __init__(self, paths: dict[str, str], labels, text_column: str, label_column: str, dedup: bool = False,
                  min_bytes: int | None = None):
@@ -265,7 +266,7 @@ class ReadInBackground:
         self._proc = self._out = None
         size = sum(Path(p).stat().st_size for p in paths.values() if Path(p).is_file())
         if size >= (READ_PROCESS_BYTES if min_bytes is None else min_bytes):
-            import pickle
+            import json
             import subprocess
             import sys
             import tempfile
@@ -275,7 +276,7 @@ class ReadInBackground:
             self._out = tempfile.TemporaryFile()  # the answer: a pipe would fill up and stall the reader
             self._proc = subprocess.Popen([sys.executable, "-c", "from lft.data import _read_splits_child as f; f()"],
                                           stdin=subprocess.PIPE, stdout=self._out, env=env)
-            self._proc.stdin.write(pickle.dumps(self._call))
+            self._proc.stdin.write(json.dumps(self._call).encode())
             self._proc.stdin.close()
 
     @property
@@ -285,7 +286,7 @@ class ReadInBackground:
     def result(self) -> tuple[dict[str, Split], list[str]]:
         if self._proc is None:
             return read_splits(*self._call)
-        import pickle
+        import json
 
         try:
             rc = self._proc.wait()
@@ -296,10 +297,12 @@ class ReadInBackground:
         if rc != 0 or not data:
             raise RuntimeError(f"reading the data in a second process failed (exit status {rc}); its error is "
                                "above")
-        ok, value = pickle.loads(data)
-        if not ok:
-            raise value
-        return value
+        answer = json.loads(data)
+        if "user_error" in answer:
+            raise UserError(answer["user_error"])
+        if "error" in answer:
+            raise RuntimeError(f"reading the data in a second process failed: {answer['error']}")
+        return {name: _split_from_json(d) for name, d in answer["splits"].items()}, answer["warnings"]
 
     def cancel(self) -> None:
         if self._proc is not None:
@@ -317,21 +320,29 @@ class ReadInBackground:
 
 
 def _read_splits_child() -> None:
-    """ReadInBackground's process: the call from stdin, (True, result) or (False, error) pickled to stdout."""
-    import pickle
+    """ReadInBackground's process: the call as JSON from stdin, the splits (or the error) as JSON to stdout."""
+    import json
     import sys
 
-    call = pickle.loads(sys.stdin.buffer.read())
     try:
-        answer = (True, read_splits(*call))
+        splits, warnings = read_splits(*json.loads(sys.stdin.buffer.read()))
+        answer = {"splits": {name: _split_to_json(s) for name, s in splits.items()}, "warnings": warnings}
+    except UserError as e:
+        answer = {"user_error": str(e)}
     except Exception as e:  # noqa: BLE001 - raised again in the parent by result()
-        try:
-            pickle.dumps(e)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
-            e = RuntimeError(f"{type(e).__name__}: {e}")
-        answer = (False, e)
-    sys.stdout.buffer.write(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+        answer = {"error": f"{type(e).__name__}: {e}"}
+    sys.stdout.buffer.write(json.dumps(answer).encode())  # ASCII escapes: a lone surrogate in a text survives
     sys.stdout.flush()
+
+
+def _split_to_json(s: Split) -> dict:
+    return {"path": str(s.path), "texts": s.texts, "labels": s.labels.tolist(), "rows": s.rows.tolist(),
+            "notes": s.notes, "lines": None if s.lines is None else [int(x) for x in s.lines]}
+
+
+def _split_from_json(d: dict) -> Split:
+    return Split(Path(d["path"]), d["texts"], np.asarray(d["labels"], dtype=np.int64),
+                 rows=np.asarray(d["rows"], dtype=np.int64), notes=d["notes"], lines=d["lines"])
 
 
 def encode_texts(tokenizer, texts: list[str], threads: int = 1, chunk: int = 2048, progress=None) -> list[list[int]]:

@@ -283,6 +283,12 @@ def test_reading_in_a_second_process_gives_the_same_splits_and_errors(frames, de
     with ReadInBackground(paths, DEFAULT_LABELS, "text_cn", "extracted_label", min_bytes=0) as reading:
         proc = reading._proc
     assert proc.poll() is not None  # leaving the block ended the process
+    odd_path = folder / "odd.jsonl"  # hostile texts; a lone surrogate (\ud800, escaped in the file) among them
+    odd_path.write_text("".join(json.dumps({"text_cn": t, "extracted_label": "正常"}) + "\n"
+                                for t in ("半个\ud800代理对", "=1+1", "<|endoftext|>")), encoding="utf-8")
+    with ReadInBackground({"test": odd_path}, DEFAULT_LABELS, "text_cn", "extracted_label", min_bytes=0) as reading:
+        assert reading.result()[0]["test"].texts == read_splits({"test": odd_path}, DEFAULT_LABELS, "text_cn",
+                                                                 "extracted_label")[0]["test"].texts
     small = ReadInBackground(paths, DEFAULT_LABELS, "text_cn", "extracted_label")  # the demo's files are small:
     assert not small.in_process and small.result()[1] == read_splits(*call[:4])[1]  # read here, in result()
 

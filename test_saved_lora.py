@@ -98,8 +98,8 @@ def run(args, d) -> int:
                 f"{describe(args.quantize)}); "
                 f"{len(split)} texts from {args.test_data}, {split.n_truncated} cut to {max_length} tokens")
 
-    # the reports' imports (scikit-learn, matplotlib: ~1 s) run while the evaluation waits on the GPU, started when
-    # the main thread has done its own imports (none of them shared: no module is imported by two threads at once)
+    # the reports' imports (scikit-learn, matplotlib, openpyxl: ~1.5 s) run while the evaluation waits on the GPU,
+    # started when the main thread has done its own imports (none shared: no module is imported by two threads at once)
     predictor = predict.Predictor(model, rt, tokenizer.pad_token_id, max_length, args.quantize)
     reports = Background(lambda: metrics.warm_up(args.predictions_format)) if d.main else None
     try:

@@ -251,14 +251,15 @@ READ_PROCESS_BYTES = 4 << 20  # data files together at least this big are read b
 class ReadInBackground:
     """read_splits(...) in a process of its own, started now, where the files together hold at least
     READ_PROCESS_BYTES; result() waits for it. Parsing and checking every row is Python work that holds the GIL
-    (the original recipe's 63,000 texts: ~1.5 s on an H200 host), so a thread could not overlap it; a process
-    runs it while the caller starts CUDA and loads the tokenizer and the model. The process is a fresh
-    interpreter (`python -c`, not multiprocessing: nothing of a parent that may hold CUDA or threads is
-    inherited, and no caller's __main__ is run again); it imports this module, which loads no torch, so it is up
-    in a fraction of a second. Smaller files are read in result(), in this process: there a second interpreter
-    would cost more than it saves. The call and the answer travel as JSON (through a pipe and an unnamed temporary
-    file): nothing is unpickled. A UserError in the process is raised by result() as the same UserError; cancel(),
-    or leaving a `with` block, ends the process."""
+    (the original recipe's 63,000 texts: 2.3 s under cProfile on an H200 host, run 38), so a thread could not
+    overlap it; a process runs it while the caller imports torch, starts CUDA and loads the model.
+
+    The process is a fresh interpreter (`python -c`, not multiprocessing: nothing of a parent that may hold CUDA
+    or threads is inherited, and no caller's __main__ is run again); it imports this module, which loads no torch,
+    so it is up in a fraction of a second. Smaller files are read in result(), in this process: there a second
+    interpreter would cost more than it saves. The call and the answer travel as JSON (through a pipe and an
+    unnamed temporary file): nothing is unpickled. A UserError in the process is raised by result() as the same
+    UserError; cancel(), or leaving a `with` block, ends the process."""
 
     def __init__(self, paths: dict[str, str], labels, text_column: str, label_column: str, dedup: bool = False,
                  min_bytes: int | None = None):
@@ -276,8 +277,11 @@ class ReadInBackground:
             self._out = tempfile.TemporaryFile()  # the answer: a pipe would fill up and stall the reader
             self._proc = subprocess.Popen([sys.executable, "-c", "from lft.data import _read_splits_child as f; f()"],
                                           stdin=subprocess.PIPE, stdout=self._out, env=env)
-            self._proc.stdin.write(json.dumps(self._call).encode())
-            self._proc.stdin.close()
+            try:
+                self._proc.stdin.write(json.dumps(self._call).encode())
+                self._proc.stdin.close()
+            except BrokenPipeError:  # the process died at start; result() reports its exit status
+                pass
 
     @property
     def in_process(self) -> bool:

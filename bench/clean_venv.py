@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def wanted_names(files: list[Path]) -> list[str]:
@@ -46,7 +42,7 @@ def wanted_names(files: list[Path]) -> list[str]:
 
 
 def closure(names: list[str]) -> tuple[dict[str, md.Distribution], list[str]]:
-    found, missing, todo = {}, [], [canonical(n) for n in names]
+    found, missing, todo = {}, [], [canonicalize_name(n) for n in names]
     env = dict(default_environment(), extra="")
     while todo:
         name = todo.pop()
@@ -61,7 +57,7 @@ def closure(names: list[str]) -> tuple[dict[str, md.Distribution], list[str]]:
         for spec in dist.requires or []:
             req = Requirement(spec)
             if req.marker is None or req.marker.evaluate(env):
-                todo.append(canonical(req.name))
+                todo.append(canonicalize_name(req.name))
     return found, missing
 
 
@@ -74,7 +70,7 @@ def top_level(dist: md.Distribution) -> tuple[Path, set[str]]:
         if parts and parts[0] != ".." and not parts[0].endswith(".dist-info"):
             names.add(parts[0])
     if not dist.files:  # no RECORD: its top_level.txt, or its import name
-        tops = (dist.read_text("top_level.txt") or canonical(dist.metadata["Name"]).replace("-", "_")).split()
+        tops = (dist.read_text("top_level.txt") or canonicalize_name(dist.metadata["Name"]).replace("-", "_")).split()
         names.update(t for t in tops if (info.parent / t).exists() or (info.parent / f"{t}.py").exists())
         names.update(f"{t}.py" for t in tops if (info.parent / f"{t}.py").exists())
     return info.parent, names

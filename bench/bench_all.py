@@ -4,7 +4,7 @@ Runs the other bench scripts as lanes, one lane per visible GPU, and prints one 
 original recipe's own training step and evaluation. With two GPUs the whole table fits one device call (~9 min);
 with one, the lanes run one after the other (~16 min).
 
-    python bench/bench_all.py [--out DIR] [--deadline SECONDS] [--steps 200]
+    python bench/bench_all.py [--out DIR] [--deadline SECONDS] [--steps 320]
 
   before   `--help` of every script, timed (goal: <= 1 s)
   lane A   bench_gpu.py --full_recipe          the original full recipe end to end, from launch (goal 6)
@@ -39,7 +39,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ("train_lora.py", "test_saved_lora.py", "predict.py", "serve.py", "get_data_by_labels.py", "load_model.py")
-N_PARAMS = 1.41e9  # bench_gpu.N_PARAMS, non-embedding parameters of the Qwen3-1.7B shape (MFU: 4 N per token)
 
 
 def lanes(out: Path, steps: int) -> dict[str, list[tuple[str, list[str]]]]:
@@ -103,6 +102,8 @@ def fmt(x, unit="", nd=1):
 
 def table(out: Path, helps: dict, status: dict) -> list[dict]:
     """One row per measurement: goal, what, measured, target, met (True/False/None where it cannot be judged)."""
+    from bench_gpu import N_PARAMS  # non-embedding parameters of the Qwen3-1.7B shape (MFU: 4 N per token)
+
     rows = []
 
     def row(goal, what, measured, target="", met=None):

@@ -1,9 +1,10 @@
-"""The model: a Qwen3 sequence classifier, its attention over packed rows, loading the backbone, attaching LoRA.
+"""The model: Qwen3's decoder, a sequence classifier on it, its attention over packed rows, loading, LoRA.
 
 Every script builds the model only through this file. How it is saved and loaded is lft/adapter.py; the
 runtime choices (dtypes, attention, compile, graphs) are lft/runtime.py; inference is lft/predict.py.
 
-    model = Qwen3 decoder (any local Qwen3 folder, 0.6B ... 8B; config read from the folder)
+    model = Qwen3 decoder (any local Qwen3 folder, 0.6B ... 8B; config read from the folder; written here, with
+            transformers' names and numerics and peft's LoRA layout: see "the decoder" below)
             -> pool one vector per text (`last` real token, or `mean` over real tokens)
             -> dropout -> `score`, a bias-free Linear(hidden, num_labels), Xavier-uniform initialised
 
@@ -13,64 +14,321 @@ export loadable by plain transformers.
 
 Two input layouts reach the same function:
   padded  input_ids/attention_mask (B, W); left or right padding.
-  packed  input_ids/position_ids (1, T) holding B texts back to back, cu_seqlens (B+1) their offsets. With no
-          attention mask, transformers derives a block-diagonal causal mask from position ids that restart at
-          0 (one sample can't attend to another), so no token is spent on padding.
+  packed  input_ids/position_ids (1, T) holding B texts back to back, cu_seqlens (B+1) their offsets: flash
+          attention over each text's segment on CUDA (varlen), else a block-diagonal causal mask from the
+          position ids that restart at 0. One sample can't attend to another, and no token is spent on padding.
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
+import json
+import math
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lft import base
 from lft.common import UserError, gc_paused
 from lft.labels import DEFAULT_LABELS
-from lft.runtime import VARLEN  # our attention implementation for packed rows on CUDA (see varlen_attention)
+from lft.runtime import VARLEN  # flash attention over packed rows on CUDA (see varlen_attention)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PAD_TOKEN = "<|endoftext|>"  # Qwen3 ships no pad token; this is the one Qwen's own configs use
-# peft 0.21 still calls this transformers-5 deprecated alias on every wrap; it is noise to users
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal flash attention over a packed row, one segment per text (torch.nn.attention.varlen).
+# --- the decoder -------------------------------------------------------------------------------------------
+# Qwen3's decoder written here rather than taken from transformers: importing transformers' Qwen3 model and peft
+# costs 4-5 s of every start on an H200 host (they pull in torch._dynamo, torch.distributed.tensor, scipy and
+# torchao whether or not a job needs them; bench/RESULTS.md runs 29, 38). Module and parameter names are
+# transformers' (layers.N.self_attn.q_proj, ...), so a Qwen3 folder's safetensors load as they are and a merged
+# export is a plain transformers model; the LoRA layers keep peft's names and its adapter format. tests/test_model.py
+# checks both against transformers and peft themselves.
 
-    Called by transformers' Qwen3 attention with query (1, Hq, T, D), key/value (1, Hkv, T, D) and the
-    cu_seq_lens_q/max_length_q kwargs the classifier passes down. Work is sum(len_i^2), not T^2, and no mask
-    tensor is built. Flash attention handles grouped KV heads natively."""
+class Qwen3Config:
+    """What the decoder reads from a folder's config.json; `raw` is the whole file (the merged export writes it
+    back). Configurations the decoder does not implement are refused with one line."""
+
+    def __init__(self, raw: dict, attn_implementation: str = "sdpa", where: str = "config.json"):
+        self.raw = dict(raw)
+        try:
+            self.hidden_size = int(raw["hidden_size"])
+            self.intermediate_size = int(raw["intermediate_size"])
+            self.num_hidden_layers = int(raw["num_hidden_layers"])
+            self.num_attention_heads = int(raw["num_attention_heads"])
+            self.num_key_value_heads = int(raw.get("num_key_value_heads") or self.num_attention_heads)
+            self.head_dim = int(raw.get("head_dim") or self.hidden_size // self.num_attention_heads)
+            self.vocab_size = int(raw["vocab_size"])
+            self.rms_norm_eps = float(raw.get("rms_norm_eps", 1e-6))
+            self.max_position_embeddings = int(raw.get("max_position_embeddings", 32768))
+            rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+            self.rope_theta = float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise UserError(f"{where}: a missing or non-numeric {e}; is this a Qwen3 config?") from None
+        self.model_type = raw.get("model_type")
+        self.attention_bias = bool(raw.get("attention_bias", False))
+        self.tie_word_embeddings = raw.get("tie_word_embeddings")
+        self.attn_implementation = attn_implementation
+        unsupported = []
+        if (rope.get("rope_type") or rope.get("type") or "default") != "default":
+            unsupported.append(f"rope type {rope.get('rope_type') or rope.get('type')!r}")
+        if raw.get("hidden_act", "silu") != "silu":
+            unsupported.append(f"hidden_act {raw['hidden_act']!r}")
+        if raw.get("use_sliding_window") and raw.get("sliding_window"):
+            unsupported.append("sliding-window attention")
+        if self.num_attention_heads % self.num_key_value_heads:
+            unsupported.append(f"{self.num_attention_heads} query heads over {self.num_key_value_heads} KV heads")
+        if unsupported:
+            raise UserError(f"{where}: {', '.join(unsupported)} is not supported (Qwen3 models use default RoPE, "
+                            "SiLU and full attention)")
+
+    def __repr__(self) -> str:
+        return (f"Qwen3Config(layers={self.num_hidden_layers}, hidden={self.hidden_size}, heads="
+                f"{self.num_attention_heads}/{self.num_key_value_heads}, attn={self.attn_implementation})")
+
+
+class RMSNorm(nn.Module):
+    """Qwen3's RMSNorm: normalised in float32, cast back, then scaled (transformers' order of operations)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RMSNorm on each head's query and key, then RoPE (Qwen3)."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        c, bias = config, config.attention_bias
+        self.config = config
+        self.head_dim, self.scaling = c.head_dim, c.head_dim ** -0.5
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cu_seqlens=None, max_len=None):
+        """x (B, T, hidden); cos/sin (B, T, head_dim). Packed rows on CUDA (`cu_seqlens`): flash attention over
+        each text's segment, laid out (T, heads, head_dim) as it wants, with no transposes. Otherwise sdpa or
+        eager over (B, heads, T, head_dim), with `mask` (bool, True = may attend) or causal when None."""
+        B, T = x.shape[:2]
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim))
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cu_seqlens is not None and self.config.attn_implementation == VARLEN:
+            out = varlen_attention(q[0], k[0], v[0], cu_seqlens, max_len, self.scaling).unsqueeze(0)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            groups = q.shape[1] // k.shape[1]
+            if groups > 1:  # as transformers' repeat_kv: every query head reads its group's KV head
+                k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+            if self.config.attn_implementation == "eager":
+                out = eager_attention(q, k, v, mask, self.scaling)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                     scale=self.scaling)
+            out = out.transpose(1, 2)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+def eager_attention(q, k, v, mask, scaling):
+    """Attention by matmuls, softmax in float32 (transformers' eager path): for GPUs and dtypes sdpa lacks."""
+    scores = (q @ k.transpose(2, 3)) * scaling
+    T = q.shape[2]
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_len, scaling):
+    """Causal flash attention over a packed row, one segment per text (torch.nn.attention.varlen): q (T, Hq, D),
+    k/v (T, Hkv, D). Work is sum(len_i^2), not T^2, and no mask tensor is built. Flash attention handles grouped
+    KV heads natively."""
     from torch.nn.attention.varlen import varlen_attn
 
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
-    cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     extra = _VARLEN_KWARGS if k.shape[1] == q.shape[1] else _VARLEN_KWARGS_GQA
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **extra)
-    return out.unsqueeze(0), None  # (1, T, Hq, D), as transformers' sdpa_attention_forward returns
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **extra)
 
 
 _VARLEN_KWARGS: dict = {}
 _VARLEN_KWARGS_GQA: dict = {}
 
 
-def register_varlen_attention() -> None:
-    """Register the varlen attention with transformers; resolve once how this torch spells 'causal'
-    (2.10/2.11: is_causal=True; 2.12+: window_size=(-1, 0), and enable_gqa for grouped KV heads)."""
+def resolve_varlen() -> None:
+    """Resolve once how this torch spells 'causal' for varlen_attn (2.10/2.11: is_causal=True; 2.12+:
+    window_size=(-1, 0), and enable_gqa for grouped KV heads)."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     params = inspect.signature(varlen_attn).parameters
     _VARLEN_KWARGS.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
     _VARLEN_KWARGS_GQA.update(_VARLEN_KWARGS, **({"enable_gqa": True} if "enable_gqa" in params else {}))
 
-    AttentionInterface.register(VARLEN, varlen_attention)
-    AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)  # segments come from cu_seqlens
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cu_seqlens=None, max_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cu_seqlens, max_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Decoder(nn.Module):
+    """Qwen3's decoder without an LM head (transformers' Qwen3Model): token ids -> final-normed hidden states."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None):
+        dim, theta = self.config.head_dim, self.config.rope_theta
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def rope(self, position_ids, dtype):
+        """cos, sin (B, T, head_dim) of the positions, computed in float32 and cast (transformers' rotary)."""
+        with torch.autocast(position_ids.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.float()
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_len=None):
+        """Hidden states (B, T, hidden). Padded: `attention_mask` (B, T), 1 for real tokens, either padding side.
+        Packed: one row (1, T), `position_ids` restarting at 0 for each text and `cu_seqlens` its offsets; a text
+        never attends to another."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, -1)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        mask = None
+        if cu_seqlens is not None:
+            if self.config.attn_implementation != VARLEN:
+                mask = packed_mask(position_ids)
+        elif attention_mask is not None:
+            mask = padded_mask(attention_mask)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cu_seqlens, max_len)
+        return self.norm(x)
+
+
+def packed_mask(position_ids):
+    """(1, 1, T, T) bool: causal within each text of a packed row, where a text starts wherever the position ids do
+    not go up by one (as transformers finds packed sequences)."""
+    first = position_ids[:, :1] - 1
+    seg = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    T = position_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal).unsqueeze(1)
+
+
+def padded_mask(attention_mask):
+    """(B, 1, T, T) bool: causal over real tokens. A padding position attends to itself, so that no row of the
+    softmax is empty (an empty row gives NaN, and mean pooling's 0 * NaN would spread it); nothing reads it."""
+    T = attention_mask.shape[-1]
+    real = attention_mask.bool()
+    eye = torch.eye(T, dtype=torch.bool, device=real.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
+    return ((causal & real[:, None, :]) | eye).unsqueeze(1)
+
+
+# --- LoRA (peft's layout and arithmetic) --------------------------------------------------------------------
+
+class LoraLinear(nn.Module):
+    """A frozen Linear plus a low-rank update, as peft's lora.Linear computes it:
+    base(x) + B(A(dropout(x))) * scaling, x cast to the adapter's dtype (float32) first and the sum cast back to
+    the base's. Names as peft's (base_layer, lora_A.default, lora_B.default), so quantisation filters, the
+    identity of the base and the adapter files see the same model. A is Kaiming-uniform and B zero, drawn in
+    peft's order (each Linear's own init, then A again), so a seed gives peft's adapters."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, rslora: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.ModuleDict({"default": nn.Dropout(dropout) if dropout > 0 else nn.Identity()})
+        a = nn.Linear(base_layer.in_features, r, bias=False)
+        b = nn.Linear(r, base_layer.out_features, bias=False)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        device = base_layer.weight.device
+        self.lora_A = nn.ModuleDict({"default": a.to(device)})
+        self.lora_B = nn.ModuleDict({"default": b.to(device)})
+
+    def forward(self, x):
+        result = self.base_layer(x)
+        a = self.lora_A["default"]
+        x = x.to(a.weight.dtype)
+        return (result + self.lora_B["default"](a(self.lora_dropout["default"](x))) * self.scaling).to(result.dtype)
+
+    def delta_weight(self):
+        """B @ A * scaling in float32: what merging adds to the base weight."""
+        return (self.lora_B["default"].weight.float() @ self.lora_A["default"].weight.float()) * self.scaling
+
+
+def lora_layers(module: nn.Module) -> list[tuple[str, LoraLinear]]:
+    """(name, layer) of every LoRA layer, in model order; names as in the decoder ('layers.0.self_attn.q_proj')."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLinear)]
+
+
+def merge_lora(decoder: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into its base weight (in place: W += B @ A * scaling, summed in float32 and rounded
+    once to W's dtype, as peft's merge) and put the plain Linear back. Returns `decoder`."""
+    for name, layer in lora_layers(decoder):
+        with torch.no_grad():
+            layer.base_layer.weight += layer.delta_weight().to(layer.base_layer.weight.device)
+        parent, child = _parent(decoder, name)
+        setattr(parent, child, layer.base_layer)
+    return decoder
+
+
+def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, child = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), child
 
 
 def compile_decoder_layers(model: "Qwen3Classifier", backend="inductor") -> None:
@@ -112,23 +370,14 @@ class Qwen3Classifier(nn.Module):
         nn.init.xavier_uniform_(self.score.weight)
 
     @property
-    def base_model(self) -> nn.Module:
-        """The plain transformers Qwen3Model, inside the LoRA wrapper if there is one."""
-        return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+    def base_model(self) -> Qwen3Decoder:
+        """The decoder (LoRA layers sit inside it, in place of the projections they adapt)."""
+        return self.backbone
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_len=None):
-        """Logits (B, num_labels) in float32. use_cache=False: a KV cache is for generation, and with one
-        transformers also stops deriving the packed (block-diagonal) mask from position ids."""
+        """Logits (B, num_labels) in float32."""
         if cu_seqlens is not None:  # packed: one row, samples back to back
-            if self.backbone.config._attn_implementation == VARLEN:
-                # mask mapping given as a dict: transformers builds no mask (and syncs nothing) for it
-                h = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                  attention_mask={"full_attention": None}, cu_seq_lens_q=cu_seqlens,
-                                  cu_seq_lens_k=cu_seqlens, max_length_q=max_len, max_length_k=max_len
-                                  ).last_hidden_state[0]
-            else:
-                h = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False
-                                  ).last_hidden_state[0]
+            h = self.backbone(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_len=max_len)[0]
             ends = cu_seqlens[1:].long()
             if self.pooling == "last":
                 pooled = h[ends - 1]
@@ -140,7 +389,7 @@ class Qwen3Classifier(nn.Module):
                 # empty segments (slots a fixed-shape row leaves unused) divide by 1, not 0: nothing reads them
                 pooled = pooled.index_add_(0, seg, h.float()) / lens.clamp(min=1).unsqueeze(1)
         else:
-            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            h = self.backbone(input_ids, attention_mask=attention_mask)
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             if self.pooling == "last":
                 # rightmost real token: correct for right padding (last 1) and left padding (position W-1)
@@ -189,40 +438,88 @@ def tokenizer_meanwhile(checkpoint):
         yield pool.submit(load_tokenizer, checkpoint)
 
 
-def load_backbone(checkpoint, dtype=torch.float32, attn_implementation: str = "sdpa", prefix: str = ""):
-    """The plain Qwen3Model of a local folder (no LM head). `prefix`: where the decoder's weights sit in the
-    files ("model." in a merged Qwen3ForSequenceClassification folder); the other tensors there (the score
-    head) are expected, so transformers' load report about them is not shown."""
-    from transformers import Qwen3Model
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a per-tensor bar for a local load says nothing useful
-    if attn_implementation == VARLEN:
-        register_varlen_attention()
-    verbosity = hf_logging.get_verbosity()
-    if prefix:
-        hf_logging.set_verbosity_error()
+def read_config(folder, attn_implementation: str = "sdpa") -> Qwen3Config:
+    path = Path(folder) / "config.json"
     try:
-        return Qwen3Model.from_pretrained(str(checkpoint), dtype=dtype, attn_implementation=attn_implementation,
-                                          local_files_only=True, trust_remote_code=False, use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: holds a {type(raw).__name__}, not an object")
+    return Qwen3Config(raw, attn_implementation, where=str(path))
 
 
-def add_lora(model: Qwen3Classifier, r: int = 8, alpha: int = 16, dropout: float = 0.1,
-             targets=LORA_TARGETS) -> Qwen3Classifier:
-    """Wrap the backbone with peft LoRA adapters. Base weights freeze; adapters are kept in float32 even
-    when the base is bf16/fp16 (peft's autocast_adapter_dtype); the head stays trainable."""
-    from peft import LoraConfig, get_peft_model
+def weight_files(folder) -> list[Path]:
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        return [folder / n for n in sorted(set(names))]
+    return sorted(folder.glob("*.safetensors"))
 
+
+def load_backbone(checkpoint, dtype=torch.float32, attn_implementation: str = "sdpa", prefix: str = "") -> Qwen3Decoder:
+    """The decoder of a local Qwen3 folder (no LM head), its weights in `dtype` on the CPU ("auto": as stored,
+    views of the memory-mapped files until something copies them). Tensors are read from
+    the safetensors files whether they are named as a Qwen3Model's or under "model." (Qwen3ForCausalLM, or a
+    merged Qwen3ForSequenceClassification folder: `prefix`); the LM head and a score head are not read. The folder
+    is expected to have passed lft.base.check_folder, which checked every tensor's presence and shape."""
+    from safetensors import safe_open
+
+    config = read_config(checkpoint, attn_implementation)
+    if attn_implementation == VARLEN:
+        resolve_varlen()
+    with torch.device("meta"):
+        decoder = Qwen3Decoder(config)
+    want = {n for n, _ in decoder.named_parameters()}
+    state = {}
+    with gc_paused():
+        for path in weight_files(checkpoint):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    name = key.removeprefix(prefix or "model.")
+                    if name in want:
+                        t = f.get_tensor(key)
+                        state[name] = t if dtype == "auto" else t.to(dtype)
+        missing = sorted(want - set(state))
+        if missing:
+            raise UserError(f"--checkpoint {checkpoint}: {len(missing)} tensor(s) missing from the weights, e.g. "
+                            f"{', '.join(missing[:3])}")
+        decoder.load_state_dict(state, strict=True, assign=True)
+    decoder.inv_freq = decoder._inv_freq()
+    return decoder.eval()
+
+
+def new_backbone(config: dict, dtype=torch.bfloat16, attn_implementation: str = "sdpa", device="cpu",
+                 std: float = 0.02) -> Qwen3Decoder:
+    """A randomly initialised decoder of a config (benches): normal(0, std) projections and embeddings, unit norms."""
+    if attn_implementation == VARLEN:
+        resolve_varlen()
+    with torch.device(device):
+        decoder = Qwen3Decoder(Qwen3Config(config, attn_implementation))
+        for name, p in decoder.named_parameters():
+            with torch.no_grad():
+                p.normal_(0, std) if p.ndim > 1 else p.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+    return decoder.to(dtype).eval()
+
+
+def add_lora(model: Qwen3Classifier, r: int = 8, alpha: float = 16, dropout: float = 0.1,
+             targets=LORA_TARGETS, rslora: bool = False) -> Qwen3Classifier:
+    """Put LoRA layers (LoraLinear) in place of the target projections of every decoder layer. Base weights
+    freeze; the adapters are float32 even when the base is bf16/fp16 (peft's autocast_adapter_dtype); the head
+    stays trainable."""
     targets = list(targets)
-    layer_modules = {n.rsplit(".", 1)[-1] for n, _ in model.backbone.named_modules()}
-    unknown = [t for t in targets if t not in layer_modules]
+    unknown = [t for t in targets if t not in ALL_TARGETS]
     if not targets or unknown:
         raise UserError(f"--lora_target_modules: {', '.join(unknown) or '(none given)'} is not a module of the "
-                        f"model; choose from q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-    model.backbone = get_peft_model(model.backbone, config, autocast_adapter_dtype=True)
+                        f"model; choose from {', '.join(ALL_TARGETS)}")
+    if lora_layers(model.backbone):
+        raise ValueError("the model already has LoRA layers")
+    model.backbone.requires_grad_(False)
+    for name, module in list(model.backbone.named_modules()):
+        if name.rsplit(".", 1)[-1] in targets and type(module) is nn.Linear:
+            parent, child = _parent(model.backbone, name)
+            setattr(parent, child, LoraLinear(module, r, alpha, dropout, rslora))
     model.score.weight.requires_grad_(True)
     return model
 

@@ -320,15 +320,25 @@ def class_weights(args, train: D.Split, num_labels: int):
     return torch.tensor(w, dtype=torch.float32)
 
 
-def make_optimizer(model, args, rt: R.Runtime, total_steps: int):
-    from transformers import get_linear_schedule_with_warmup
+def linear_schedule(optimizer, warmup: int, total: int):
+    """Linear warm-up to the learning rate over `warmup` steps, then linear decay to 0 at `total` (transformers'
+    get_linear_schedule_with_warmup, the original's schedule, without importing transformers' optimisation
+    module)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
 
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model, args, rt: R.Runtime, total_steps: int):
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     # fused: one multi-tensor kernel, which can skip a non-finite update by itself (no host sync)
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=rt.device.type == "cuda")
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+    scheduler = linear_schedule(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     return optimizer, scheduler, torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
 
 

@@ -39,8 +39,6 @@ TIMERS = ("fw_compiler_base", "bw_compiler", "Scheduler.codegen", "compile_file"
 def child(variant: str) -> dict:
     sys.path.insert(0, str(REPO))
     import torch
-    from transformers import Qwen3Config, Qwen3Model
-
     import qwen3_classification_direct as qcd
     from lft import data as D
     from lft.runtime import VARLEN
@@ -51,13 +49,11 @@ def child(variant: str) -> dict:
         torch._inductor.config.fallback_random = True
     if variant == "static":
         qcd.compile_decoder_layers = _static_compile(qcd.compile_decoder_layers)
-    qcd.register_varlen_attention()
-    cfg = Qwen3Config(hidden_size=2048, intermediate_size=6144, num_hidden_layers=2, num_attention_heads=16,
-                      num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
-                      rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)
-    cfg._attn_implementation = VARLEN
+    cfg = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=2, num_attention_heads=16,
+               num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+               rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, model_type="qwen3")
     torch.manual_seed(0)
-    backbone = Qwen3Model(cfg).to(torch.bfloat16).cuda()
+    backbone = qcd.new_backbone(cfg, torch.bfloat16, VARLEN, "cuda")
     model = qcd.Qwen3Classifier(backbone, 6, 0.1, "last").cuda()
     if variant == "no_lora":
         backbone.requires_grad_(False)

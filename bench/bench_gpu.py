@@ -104,13 +104,8 @@ def build_hf(dtype, attn="sdpa"):
 
 
 def build_ours(attn=qcd.VARLEN):
-    from transformers import Qwen3Model
-
     torch.manual_seed(0)
-    if attn == qcd.VARLEN:
-        qcd.register_varlen_attention()
-    with torch.device(DEV):
-        backbone = Qwen3Model(hf_config(attn)).to(torch.bfloat16)
+    backbone = qcd.new_backbone(dict(QWEN3_1_7B, model_type="qwen3"), torch.bfloat16, attn, DEV)
     model = qcd.Qwen3Classifier(backbone, 6, 0.1, "last").to(DEV)
     return qcd.add_lora(model, **LORA)
 

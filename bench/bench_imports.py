@@ -22,6 +22,8 @@ SNIPPETS = {
     "torch": "import torch",
     "torch + transformers' Qwen3Model": "import torch; from transformers import Qwen3Model",
     "+ AutoTokenizer + peft": "import torch; from transformers import Qwen3Model, AutoTokenizer; import peft",
+    "the model module (own decoder) + AutoTokenizer":
+        "import torch, qwen3_classification_direct; from transformers import AutoTokenizer",
     "outputs: pandas, sklearn.metrics, matplotlib.pyplot, openpyxl":
         "import pandas, sklearn.metrics, matplotlib.pyplot, openpyxl",
 }
@@ -70,7 +72,7 @@ def main() -> int:
         for _ in range(args.runs):
             t = time.perf_counter()
             r = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
-                               env=dict(os.environ))
+                               env=dict(os.environ), cwd=Path(__file__).resolve().parent.parent)
             wall = time.perf_counter() - t
         if r.returncode:
             print(f"{name}: failed\n{r.stderr[-2000:]}")

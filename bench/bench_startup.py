@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-IMPORTS = ("torch", "transformers:Qwen3Model", "transformers:AutoTokenizer", "peft", "pandas", "sklearn.metrics",
+IMPORTS = ("torch", "qwen3_classification_direct", "transformers:AutoTokenizer", "pandas", "sklearn.metrics",
            "matplotlib.pyplot", "openpyxl")
 PHASES = (("lft.base", "check_folder"), ("qwen3_classification_direct", "load_backbone"),
           ("lft.base", "identity"), ("lft.base", "tensor_checksums"), ("qwen3_classification_direct", "load_tokenizer"),
@@ -48,6 +48,7 @@ def child(argv: list[str], stub_eval: bool) -> None:
     import functools
     import importlib
 
+    sys.path.insert(0, str(REPO))
     times = {}
     for name in IMPORTS:
         module, _, attr = name.partition(":")

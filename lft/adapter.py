@@ -1,7 +1,8 @@
 """The adapter on disk: save, load and verify an adapter folder; the merged export. Save and load side by side.
 
 Adapter folder (best_model/, and the weights part of checkpoint-*/):
-  adapter_model.safetensors, adapter_config.json   LoRA weights and config (peft's format)
+  adapter_model.safetensors, adapter_config.json   LoRA weights and config (peft's format: peft loads them onto
+                                                   transformers' Qwen3Model; tests/test_model.py checks it)
   head.safetensors                                 score.weight
   classifier_config.json                           labels, pooling, max_length, base-model identity,
                                                    the arguments that trained it and the metrics it was chosen by
@@ -14,6 +15,7 @@ with its shape, nothing extra, all values finite, lora_alpha/r as recorded, and 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -28,15 +30,45 @@ WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "head.safetensors", "classifier_config.json")
 
 
+PEFT_PREFIX = "base_model.model."  # where peft's saved names put a LoRA layer of the wrapped model
+PEFT_VERSION = "0.21.2"  # the peft whose adapter_config.json fields we write (and whose loader the tests use)
+
+
+def adapter_state(model: qcd.Qwen3Classifier) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under peft's saved names: base_model.model.<layer>.lora_A.weight (no adapter name)."""
+    state = {}
+    for name, layer in qcd.lora_layers(model.backbone):
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A["default"].weight
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B["default"].weight
+    return state
+
+
+def lora_config(model: qcd.Qwen3Classifier) -> dict:
+    """adapter_config.json as peft 0.21 writes it for our LoRA (every field; defaults where we use none)."""
+    layers = [m for _, m in qcd.lora_layers(model.backbone)]
+    if not layers:
+        raise ValueError("the model has no LoRA layers")
+    first = layers[0]
+    dropout = first.lora_dropout["default"]
+    rslora = not math.isclose(first.scaling, first.alpha / first.r)
+    return {"task_type": None, "peft_type": "LORA", "auto_mapping": None, "peft_version": PEFT_VERSION,
+            "base_model_name_or_path": None, "revision": None, "inference_mode": True, "r": first.r,
+            "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in qcd.lora_layers(model.backbone)}),
+            "exclude_modules": None, "lora_alpha": first.alpha,
+            "lora_dropout": dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0,
+            "fan_in_fan_out": False, "bias": "none", "use_rslora": rslora, "modules_to_save": None,
+            "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+            "alpha_pattern": {}, "megatron_config": None, "megatron_core": "megatron.core",
+            "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
+            "use_dora": False, "layer_replication": None, "lora_bias": False, "target_parameters": None}
+
+
 def save_adapter(model: qcd.Qwen3Classifier, folder, meta: dict) -> None:
     """Write an adapter folder atomically. `meta` must hold labels, base, args. A non-finite weight is
     refused: a NaN adapter must never be kept as a model."""
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    peft_model = model.backbone
-    state = {k: v.detach().to("cpu", torch.float32).contiguous()
-             for k, v in get_peft_model_state_dict(peft_model).items()}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state(model).items()}
     head = {"score.weight": model.score.weight.detach().to("cpu", torch.float32).contiguous()}
     bad = [k for k, v in {**state, **head}.items() if not bool(torch.isfinite(v).all())]
     if bad:
@@ -44,7 +76,7 @@ def save_adapter(model: qcd.Qwen3Classifier, folder, meta: dict) -> None:
                         "lower --learning_rate")
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"))
-        peft_model.peft_config["default"].save_pretrained(str(tmp))
+        write_json(tmp / "adapter_config.json", lora_config(model))
         save_file(head, str(tmp / "head.safetensors"))
         write_json(tmp / "classifier_config.json", {"format": FORMAT, "pooling": model.pooling,
                                                     "dropout": model.dropout.p, **meta})
@@ -110,39 +142,62 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
     if head is not None:
         _copy_head(model, head, folder / "model.safetensors")
     else:
-        from peft import LoraConfig, get_peft_model
-
-        config = _lora_config(folder, meta, LoraConfig)
-        model.backbone = get_peft_model(model.backbone, config, autocast_adapter_dtype=True)
+        qcd.add_lora(model, **read_lora_config(folder, meta))
         load_adapter_weights(model, folder)
     return model.eval(), tokenizer, meta
 
 
-def _lora_config(folder: Path, meta: dict, LoraConfig):
+# adapter_config.json fields whose other values would make peft compute something this toolkit does not
+UNSUPPORTED = {"peft_type": "LORA", "fan_in_fan_out": False, "bias": "none", "use_dora": False, "lora_bias": False,
+               "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
+               "exclude_modules": None, "target_parameters": None, "rank_pattern": {}, "alpha_pattern": {},
+               "trainable_token_indices": None}
+
+
+def read_lora_config(folder: Path, meta: dict) -> dict:
+    """add_lora's arguments from an adapter folder's adapter_config.json (peft's format). Refuses what this
+    toolkit does not compute (DoRA, per-layer ranks, biases, ...) and r/alpha changed since training."""
+    path = folder / "adapter_config.json"
     try:
-        config = LoraConfig.from_pretrained(str(folder))
-    except (ValueError, TypeError, OSError) as e:
-        raise UserError(f"{folder / 'adapter_config.json'}: not a LoRA config ({str(e).splitlines()[0][:120]})"
-                        ) from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({str(e).splitlines()[0][:100]}); the adapter is damaged") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a LoRA config (holds a {type(config).__name__})")
+    odd = [f"{k} {config[k]!r}" for k, want in UNSUPPORTED.items()
+           if k in config and config[k] != want and not (want in (None, {}) and config[k] in (None, {}, []))]
+    if "peft_type" not in config:
+        odd.append("no peft_type")
+    if odd:
+        raise UserError(f"{path}: {', '.join(odd)} is not supported (plain LoRA on q/k/v/o/gate/up/down only)")
+    r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    dropout = config.get("lora_dropout", 0.0)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise UserError(f"{path}: r must be a positive integer, not {r!r}")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        raise UserError(f"{path}: lora_alpha must be a positive number, not {alpha!r}")
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise UserError(f"{path}: lora_dropout must be in [0, 1), not {dropout!r}")
+    if not (isinstance(targets, list) and targets and all(t in qcd.ALL_TARGETS for t in targets)):
+        raise UserError(f"{path}: target_modules must be a list of {', '.join(qcd.ALL_TARGETS)}, not {targets!r}")
     args = meta.get("args") or {}
     recorded = {"r": args.get("lora_r"), "lora_alpha": args.get("lora_alpha")}
-    changed = [f"{k} {getattr(config, k)} (trained with {v})" for k, v in recorded.items()
-               if v is not None and getattr(config, k) != v]
+    changed = [f"{k} {config[k]} (trained with {v})" for k, v in recorded.items()
+               if v is not None and config[k] != v]
     if changed:
-        raise UserError(f"{folder / 'adapter_config.json'}: {', '.join(changed)}; the file was edited after "
-                        "training and the adapter would compute something else")
-    return config
+        raise UserError(f"{path}: {', '.join(changed)}; the file was edited after training and the adapter would "
+                        "compute something else")
+    return {"r": r, "alpha": alpha, "dropout": float(dropout), "targets": targets,
+            "rslora": bool(config.get("use_rslora", False))}
 
 
 def load_adapter_weights(model: qcd.Qwen3Classifier, folder) -> None:
     """An adapter folder's LoRA and head weights into a model that already has its LoRA layout (a fresh load
     above, or a run resuming from checkpoint-<step>/). Every LoRA tensor of the layout must be in the file,
     with its shape, and nothing else; every value finite."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
     folder = Path(folder)
     state = _load_safetensors(folder / "adapter_model.safetensors")
-    expected = get_peft_model_state_dict(model.backbone)
+    expected = adapter_state(model)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
@@ -154,7 +209,9 @@ def load_adapter_weights(model: qcd.Qwen3Classifier, folder) -> None:
         raise UserError(f"{folder}/adapter_model.safetensors: {k} has shape {tuple(state[k].shape)}, the config "
                         f"implies {tuple(expected[k].shape)}")
     _check_finite(state, folder / "adapter_model.safetensors")
-    set_peft_model_state_dict(model.backbone, state)
+    with torch.no_grad():
+        for k, v in state.items():
+            expected[k].copy_(v)
     _copy_head(model, _load_safetensors(folder / "head.safetensors"), folder / "head.safetensors")
 
 
@@ -236,15 +293,14 @@ def export_merged(model: qcd.Qwen3Classifier, tokenizer, folder, meta: dict, dty
     float32; `dtype` is what the files hold."""
     import copy
 
-    from transformers import Qwen3ForSequenceClassification
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
 
     if model.pooling != "last":
         raise UserError("--merge: transformers' Qwen3ForSequenceClassification pools the last token; an adapter "
                         "trained with --pooling mean cannot be exported that way (use predict.py with the adapter)")
-    backbone = copy.deepcopy(model.backbone).to("cpu", torch.float32)
-    if hasattr(backbone, "merge_and_unload"):
-        backbone = backbone.merge_and_unload()
-    config = copy.deepcopy(backbone.config)
+    backbone = qcd.merge_lora(copy.deepcopy(model.backbone).to("cpu", torch.float32))
+    config = Qwen3Config.from_dict({k: v for k, v in backbone.config.raw.items()
+                                    if k not in ("architectures", "transformers_version", "dtype", "torch_dtype")})
     labels = meta["labels"]
     config.architectures = ["Qwen3ForSequenceClassification"]
     config.num_labels = len(labels)

@@ -5,7 +5,7 @@
     names = quantize_model(model, args.quantize, runtime)             # after .to(device), before compiling
 
 What is quantised: the frozen base projections inside the decoder layers (q/k/v/o_proj, gate/up/down_proj; for a
-layer peft wraps with LoRA, its `base_layer`), and under int8 the token embeddings too. Never the LoRA matrices
+layer a LoRA layer wraps, its `base_layer`), and under int8 the token embeddings too. Never the LoRA matrices
 (small, and what fine-tuning changed: rounding them would undo part of it) or the `score` head. LoRA stays a separate
 float branch beside the quantised base; it is not merged first (merge=True exists for the bench): folding a LoRA
 delta of ~1% of a weight into fp8 (3 mantissa bits, steps of ~6%) rounds most of it away.
@@ -63,7 +63,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 INT8_CPU_ROW_TOKENS = 256
 EMBEDDING_CHUNK = 8192  # embedding rows widened to float32 at a time while they are quantised
 FP8_BF16_LAYERS = 2  # the first decoder layers stay bf16 under fp8 (a quarter of the layers at most: see fp8 above)
-# the base projections of a decoder layer, plain (merged folder) or inside a peft LoRA layer (".base_layer")
+# the base projections of a decoder layer, plain (merged folder) or inside a LoRA layer (".base_layer")
 BASE_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
                          r"(?:\.base_layer)?$")
 
@@ -338,7 +338,7 @@ def quantize_model(model: "torch.nn.Module", mode: str, runtime, *, merge: bool 
     """Quantise `model` (a qwen3_classification_direct.Qwen3Classifier already on its device, loaded in
     load_dtype(mode, runtime)) in place for inference; return the names of the layers quantised ([] for 'none').
     Afterwards every float tensor left in the base is in runtime.weight_dtype. `merge`: fold LoRA into the base
-    weights first (peft merge_and_unload; then the merged weights are quantised, LoRA included)."""
+    weights first (qcd.merge_lora; then the merged weights are quantised, LoRA included)."""
     if mode == "none":
         return []
     if mode not in QUANTIZE_CHOICES:
@@ -350,9 +350,11 @@ def quantize_model(model: "torch.nn.Module", mode: str, runtime, *, merge: bool 
     check_quantize(mode, runtime.device, problems)
     if problems:
         raise UserError("; ".join(problems))
-    if merge and hasattr(model.backbone, "merge_and_unload"):
-        model.backbone = model.backbone.merge_and_unload()
-    base = model.base_model if hasattr(model, "base_model") else model  # the plain Qwen3Model (after any merge)
+    if merge and hasattr(model, "backbone"):
+        import qwen3_classification_direct as qcd
+
+        qcd.merge_lora(model.backbone)
+    base = model.base_model if hasattr(model, "base_model") else model  # the decoder
     first = first_quantised_layer(mode, len(base.layers) if hasattr(base, "layers") else 0)
     dtype, cpu = runtime.weight_dtype, runtime.device.type == "cpu"
     # on the CPU the replaced weights' memory goes back to the system layer by layer (release_freed_memory)

@@ -130,7 +130,7 @@ def test_adapter_round_trip_identical_logits(model_and_tok, tiny_ckpt, tmp_path)
     model, tok = model_and_tok
     from lft.base import identity as base_identity
     meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {}, "metrics": None,
-            "base": base_identity(tiny_ckpt, model.backbone.get_base_model())}
+            "base": base_identity(tiny_ckpt, model.backbone)}
     adapter.save_adapter(model, tmp_path / "adapter", meta)
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(adapter.ADAPTER_FILES)
     loaded, _, meta2 = adapter.load_classifier(tiny_ckpt, tmp_path / "adapter")
@@ -156,7 +156,7 @@ def test_adapter_refuses_other_base(model_and_tok, tiny_ckpt, tmp_path):
 
     model, _ = model_and_tok
     meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {}, "metrics": None,
-            "base": base_identity(tiny_ckpt, model.backbone.get_base_model())}
+            "base": base_identity(tiny_ckpt, model.backbone)}
     adapter.save_adapter(model, tmp_path / "adapter", meta)
     other = build_tiny_qwen3(tmp_path / "other", seed=7)
     with pytest.raises(UserError, match="weights differ"):
@@ -301,7 +301,7 @@ def test_a_trailing_endoftext_changes_nothing_but_its_own_characters(model_and_t
 def test_merged_export_dtype_default_is_the_base_dtype(model_and_tok, tiny_ckpt, tmp_path):
     model, tok = model_and_tok
     meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {}, "metrics": None,
-            "base": base_identity(tiny_ckpt, model.backbone.get_base_model())}
+            "base": base_identity(tiny_ckpt, model.backbone)}
     assert adapter.base_dtype(tiny_ckpt) == torch.float32  # the tiny checkpoint is saved in float32
     texts = ["今天天气很好", "出售假证件，量大从优", "某些人就是素质低", "hello 世界"] * 8
     enc = collate_padded(encode(tok, texts), tok.pad_token_id)
@@ -356,3 +356,134 @@ def test_compiled_layers_take_no_float_inputs_and_share_one_graph(tiny_ckpt):
         torch._dynamo.reset()
     assert len(graphs) == 2, f"{len(graphs)} graphs for {len(model.base_model.layers)} layers in 2 modes"
     assert graphs == [[], []], "float attributes became graph inputs"
+
+
+# --- our decoder and LoRA against transformers and peft themselves ------------------------------------------
+
+def _hf_with_peft(tiny_ckpt, seed, **lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Model
+
+    hf = Qwen3Model.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora.get("targets", qcd.LORA_TARGETS)), bias="none")
+    return get_peft_model(hf, config, autocast_adapter_dtype=True)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_decoder_equals_transformers_qwen3model_padded_and_packed(tiny_ckpt, attn):
+    """Hidden states of every real token equal transformers' Qwen3Model's: right and left padding, and a packed row
+    (transformers derives the same block-diagonal mask from the restarting position ids)."""
+    from transformers import Qwen3Model
+
+    ours = qcd.load_backbone(tiny_ckpt, torch.float32, attn)
+    hf = Qwen3Model.from_pretrained(tiny_ckpt, dtype=torch.float32, attn_implementation=attn).eval()
+    tok = qcd.load_tokenizer(tiny_ckpt)
+    seqs = encode(tok)
+    with torch.no_grad():
+        for side in ("right", "left"):
+            enc = collate_padded(seqs, tok.pad_token_id, side)
+            real = enc["attention_mask"].bool()
+            a = ours(enc["input_ids"], attention_mask=enc["attention_mask"])
+            b = hf(**enc, use_cache=False).last_hidden_state
+            assert (a - b)[real].abs().max().item() <= 1e-5, side
+        enc = collate_packed(seqs)
+        a = ours(enc["input_ids"], position_ids=enc["position_ids"], cu_seqlens=enc["cu_seqlens"], max_len=enc["max_len"])
+        b = hf(input_ids=enc["input_ids"], position_ids=enc["position_ids"], use_cache=False).last_hidden_state
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_lora_equals_peft_from_the_same_seed_in_training_and_evaluation(tiny_ckpt):
+    """A seed gives peft's adapter weights, and the same outputs and gradients, dropout masks included: the
+    golden losses of runs made with peft still hold."""
+    lora = dict(r=4, alpha=8, dropout=0.1)
+    ref = _hf_with_peft(tiny_ckpt, 7, **lora)
+    model = qcd.Qwen3Classifier(qcd.load_backbone(tiny_ckpt), 6, 0.0)
+    torch.manual_seed(7)
+    qcd.add_lora(model, **lora)
+    ours = model.backbone
+    ref_state = {k.removeprefix("base_model.model.").replace(".default", ""): v
+                 for k, v in ref.named_parameters() if "lora_" in k}
+    our_state = {k.replace(".default", ""): v for k, v in ours.named_parameters() if "lora_" in k}
+    assert ref_state.keys() == our_state.keys() and len(our_state) == 2 * 4 * 2
+    assert all(torch.equal(ref_state[k], our_state[k]) for k in our_state)
+    with torch.no_grad():  # non-zero B, the same in both
+        for k in our_state:
+            if "lora_B" in k:
+                our_state[k].normal_(0, 0.1)
+                ref_state[k].copy_(our_state[k])
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
+        n.removeprefix("base_model.model.") for n, p in ref.named_parameters() if p.requires_grad]
+    ids = torch.tensor(encode(qcd.load_tokenizer(tiny_ckpt), TEXTS[1:2]))
+    for train in (True, False):
+        ours.train(train), ref.train(train)
+        torch.manual_seed(11)
+        a = ours(ids)
+        torch.manual_seed(11)
+        b = ref(input_ids=ids, use_cache=False).last_hidden_state
+        assert (a - b).abs().max().item() <= 1e-6, train
+        a.square().sum().backward(), b.square().sum().backward()
+        grads = {k: v.grad for k, v in our_state.items()}
+        assert all(torch.allclose(grads[k], ref_state[k].grad, atol=1e-6, rtol=1e-4) for k in grads)
+        for p in [*our_state.values(), *ref_state.values()]:
+            p.grad = None
+
+
+def test_saved_adapter_loads_in_peft_and_merges_as_peft_does(model_and_tok, tiny_ckpt, tmp_path):
+    """adapter_model.safetensors / adapter_config.json are peft's format: peft's own loader puts them on
+    transformers' Qwen3Model and gets our hidden states; our merge gives peft's merged weights."""
+    from peft import PeftModel
+    from transformers import Qwen3Model
+
+    model, tok = model_and_tok
+    adapter.save_adapter(model, tmp_path / "a", {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {},
+                                                 "base": base_identity(tiny_ckpt, model.backbone)})
+    ref = PeftModel.from_pretrained(Qwen3Model.from_pretrained(tiny_ckpt, dtype=torch.float32), tmp_path / "a").eval()
+    enc = collate_padded(encode(tok), tok.pad_token_id)
+    real = enc["attention_mask"].bool()
+    with torch.no_grad():
+        a = model.backbone(enc["input_ids"], attention_mask=enc["attention_mask"])
+        b = ref(**enc, use_cache=False).last_hidden_state
+    assert (a - b)[real].abs().max().item() <= 1e-5
+    import copy
+
+    merged = qcd.merge_lora(copy.deepcopy(model.backbone)).state_dict()
+    want = ref.merge_and_unload().state_dict()
+    assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
+    assert not qcd.lora_layers(qcd.merge_lora(copy.deepcopy(model.backbone)))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("use_dora", True, "use_dora True is not supported"),
+    ("rank_pattern", {"q_proj": 16}, "rank_pattern"),
+    ("target_modules", "q_proj|v_proj", "target_modules must be a list"),
+    ("r", 0, "r must be a positive integer"),
+    ("lora_alpha", float("nan"), "lora_alpha must be a positive number"),
+])
+def test_adapter_config_the_toolkit_does_not_compute_is_refused(model_and_tok, tiny_ckpt, tmp_path, field, value,
+                                                                message):
+    model, _ = model_and_tok
+    adapter.save_adapter(model, tmp_path / "a", {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {},
+                                                 "base": base_identity(tiny_ckpt, model.backbone)})
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, field: value}))
+    with pytest.raises(UserError, match=message):
+        adapter.load_classifier(tiny_ckpt, tmp_path / "a")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope type 'yarn'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"use_sliding_window": True, "sliding_window": 128}, "sliding-window attention"),
+])
+def test_a_qwen3_config_the_decoder_does_not_implement_is_refused(tiny_ckpt, tmp_path, change, message):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UserError, match=message):
+        qcd.build_classifier(folder)

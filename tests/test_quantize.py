@@ -35,8 +35,8 @@ def trained(tiny_ckpt, demo_data, tmp_path_factory):
 
 
 def quantised_names(model) -> set[str]:
-    """int8's Int8Linear modules, and Linears whose weight torchao quantised (fp8, on the GPU). nn.Linear only: peft's
-    LoRA layer forwards `.weight` to its base_layer's."""
+    """int8's Int8Linear modules, and Linears whose weight torchao quantised (fp8, on the GPU). nn.Linear only: a LoRA
+    layer holds its base_layer."""
     from torchao.utils import TorchAOBaseTensor
 
     return {n for n, m in model.named_modules() if type(m) is Q.int8_linear_class()
@@ -48,7 +48,7 @@ def test_int8_quantises_exactly_the_base_projections(trained):
     clf = Classifier.load(folder, device="cpu", quantize="int8")
     assert clf.quantize == "int8"
     layers = clf.model.base_model.layers
-    prefix = "backbone.base_model.model.layers"
+    prefix = "backbone.layers"
     expected = {f"{prefix}.{i}.{p}" for i in range(len(layers)) for p in PROJ}
     assert quantised_names(clf.model) == expected
     float_weights = {n: p for n, p in clf.model.named_parameters() if "lora_" in n or n == "score.weight"}
@@ -276,7 +276,7 @@ def test_fp8_leaves_the_first_two_layers_of_a_deep_model_in_bf16():
     assert Q.first_quantised_layer("fp8", 28) == 2 and Q.first_quantised_layer("fp8", 64) == 2
     assert Q.first_quantised_layer("fp8", 2) == 0 and Q.first_quantised_layer("fp8", 7) == 1
     assert Q.first_quantised_layer("int8", 28) == 0
-    assert Q.layer_of("backbone.base_model.model.layers.17.mlp.up_proj.base_layer") == 17
+    assert Q.layer_of("backbone.layers.17.mlp.up_proj.base_layer") == 17
     assert Q.layer_of("layers.0.self_attn.q_proj") == 0
 
 

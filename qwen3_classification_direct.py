@@ -403,37 +403,106 @@ class Qwen3Classifier(nn.Module):
 
 # --- building -------------------------------------------------------------------------------------------
 
-def load_tokenizer(checkpoint):
-    """The checkpoint's own tokenizer, offline, with the pad token set explicitly.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+
+
+class Tokenizer:
+    """A Qwen3 folder's tokenizer.json through the `tokenizers` library, with the part of transformers' tokenizer
+    API the toolkit uses (`tok(text)["input_ids"]`, pad_token(_id), decode, backend_tokenizer, save_pretrained).
+    The ids are transformers' own (tests/test_model.py compares them on hostile strings); it costs ~0.4 s where
+    transformers' AutoTokenizer cost ~1.4 s (its import, and tokenizer.json parsed twice; 2-core machine)."""
+
+    def __init__(self, backend, pad_token: str, folder: Path):
+        self.backend_tokenizer = backend
+        self.pad_token = pad_token
+        self.pad_token_id = backend.token_to_id(pad_token)
+        self.folder = folder
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, folder) -> None:
+        """The checkpoint's tokenizer files as they are, with the pad token recorded in tokenizer_config.json."""
+        for name in TOKENIZER_FILES:
+            if (self.folder / name).is_file():
+                (Path(folder) / name).write_bytes((self.folder / name).read_bytes())
+        path = Path(folder) / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        path.write_text(json.dumps({**config, "pad_token": self.pad_token}, ensure_ascii=False, indent=2),
+                        encoding="utf-8")
+
+
+def load_tokenizer(checkpoint) -> Tokenizer:
+    """The checkpoint's own tokenizer (tokenizer.json), offline, with the pad token set explicitly (the folder's
+    tokenizer_config.json pad_token, else <|endoftext|>).
 
     A user's text is text: "<|endoftext|>" or "<think>" typed into a post encodes as the characters it is made
     of, never as a control token (<|endoftext|> is also the pad id). Qwen3 marks some added tokens (<think>,
     <tool_call>, the FIM tokens) as non-special, and a tokenizer matches those even with split_special_tokens;
     so every added token is marked special, and special tokens are split. The toolkit adds no special token to
     any text, so no string a user types can produce an added-token id."""
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer as Backend
 
-    with gc_paused():  # transformers parses the 6 MB tokenizer.json twice
-        tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True, trust_remote_code=False,
-                                            split_special_tokens=True)
-    backend = tok.backend_tokenizer
+    folder = Path(checkpoint)
+    if not (folder / "tokenizer.json").is_file():  # vocab.json + merges.txt only: transformers builds it
+        return _transformers_tokenizer(folder)
+    try:
+        backend = Backend.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises its own exception type for a malformed file
+        raise UserError(f"--checkpoint {folder}: tokenizer.json cannot be loaded ({str(e).splitlines()[0][:120]})"
+                        ) from None
+    text_only(backend)
+    backend.no_truncation()
+    backend.no_padding()
+    pad = PAD_TOKEN
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            given = json.loads(config.read_text(encoding="utf-8")).get("pad_token")
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"--checkpoint {folder}: tokenizer_config.json is not a JSON object") from None
+        given = given.get("content") if isinstance(given, dict) else given
+        pad = given if isinstance(given, str) and given else PAD_TOKEN
+    if backend.token_to_id(pad) is None:
+        raise UserError(f"--checkpoint {folder}: the pad token {pad!r} of tokenizer_config.json is not in the "
+                        "vocabulary")
+    return Tokenizer(backend, pad, folder)
+
+
+def text_only(backend) -> None:
+    """Mark every added token special and split special tokens (load_tokenizer's docstring says why)."""
+    from tokenizers import AddedToken
+
     backend.add_special_tokens([AddedToken(a.content, special=True, normalized=False, single_word=a.single_word,
                                            lstrip=a.lstrip, rstrip=a.rstrip)
                                 for a in backend.get_added_tokens_decoder().values() if not a.special])
     backend.encode_special_tokens = True
-    if tok.pad_token is None:
-        tok.pad_token = PAD_TOKEN
-    return tok
+
+
+def _transformers_tokenizer(folder: Path) -> Tokenizer:
+    """A folder without tokenizer.json: transformers' AutoTokenizer builds the fast tokenizer from vocab.json and
+    merges.txt; the result is wrapped as load_tokenizer's (same special-token rules)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    backend = tok.backend_tokenizer
+    text_only(backend)
+    pad = tok.pad_token or PAD_TOKEN
+    if backend.token_to_id(pad) is None:
+        raise UserError(f"--checkpoint {folder}: the pad token {pad!r} is not in the vocabulary")
+    return Tokenizer(backend, pad, folder)
 
 
 @contextlib.contextmanager
 def tokenizer_meanwhile(checkpoint):
     """Load the checkpoint's tokenizer in a second thread for the duration of the block; yields its future. The
-    tokenizer costs about a second of parsing tokenizer.json on the CPU; the block moves the weights to the
-    device and checksums them, work that leaves Python's lock free, so the two overlap. Start it after the
-    backbone's from_pretrained, so the two threads never import modules at the same time. On leaving the block
-    the thread has finished; an error in it is raised by .result()."""
+    tokenizer costs about a second of parsing tokenizer.json on the CPU; the block reads the weights onto the
+    device and checksums them, work that leaves Python's lock free, so the two overlap. On leaving the block the
+    thread has finished; an error in it is raised by .result()."""
     with ThreadPoolExecutor(1, thread_name_prefix="lft-tokenizer") as pool:
         yield pool.submit(load_tokenizer, checkpoint)
 
@@ -458,36 +527,97 @@ def weight_files(folder) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def load_backbone(checkpoint, dtype=torch.float32, attn_implementation: str = "sdpa", prefix: str = "") -> Qwen3Decoder:
-    """The decoder of a local Qwen3 folder (no LM head), its weights in `dtype` on the CPU ("auto": as stored,
-    views of the memory-mapped files until something copies them). Tensors are read from
-    the safetensors files whether they are named as a Qwen3Model's or under "model." (Qwen3ForCausalLM, or a
-    merged Qwen3ForSequenceClassification folder: `prefix`); the LM head and a score head are not read. The folder
-    is expected to have passed lft.base.check_folder, which checked every tensor's presence and shape."""
-    from safetensors import safe_open
-
+def load_backbone(checkpoint, dtype=torch.float32, attn_implementation: str = "sdpa", prefix: str = "",
+                  device="cpu") -> Qwen3Decoder:
+    """The decoder of a local Qwen3 folder (no LM head), its weights in `dtype` on `device`. On the CPU they are
+    views of the memory-mapped files until something copies them ("auto": as stored); on a GPU they are read
+    straight into its memory (read_to_gpu). Tensors are found whether named as a Qwen3Model's or under "model."
+    (Qwen3ForCausalLM, or a merged Qwen3ForSequenceClassification folder: `prefix`); the LM head and a score head
+    are not read. The folder is expected to have passed lft.base.check_folder, which checked every tensor's
+    presence and shape."""
     config = read_config(checkpoint, attn_implementation)
     if attn_implementation == VARLEN:
         resolve_varlen()
+    device = torch.device(device)
     with torch.device("meta"):
         decoder = Qwen3Decoder(config)
     want = {n for n, _ in decoder.named_parameters()}
-    state = {}
     with gc_paused():
-        for path in weight_files(checkpoint):
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    name = key.removeprefix(prefix or "model.")
-                    if name in want:
-                        t = f.get_tensor(key)
-                        state[name] = t if dtype == "auto" else t.to(dtype)
+        if device.type == "cuda" and dtype != "auto":
+            state = read_to_gpu(weight_files(checkpoint), want, prefix or "model.", dtype, device)
+        else:
+            state = read_mapped(weight_files(checkpoint), want, prefix or "model.", dtype)
         missing = sorted(want - set(state))
         if missing:
             raise UserError(f"--checkpoint {checkpoint}: {len(missing)} tensor(s) missing from the weights, e.g. "
                             f"{', '.join(missing[:3])}")
         decoder.load_state_dict(state, strict=True, assign=True)
-    decoder.inv_freq = decoder._inv_freq()
+    decoder.inv_freq = decoder._inv_freq(device)
     return decoder.eval()
+
+
+def read_mapped(files, want: set[str], prefix: str, dtype) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the wanted tensors, as views of the memory-mapped files (safetensors), cast to `dtype`
+    unless "auto"."""
+    from safetensors import safe_open
+
+    state = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = key.removeprefix(prefix)
+                if name in want:
+                    t = f.get_tensor(key)
+                    state[name] = t if dtype == "auto" else t.to(dtype)
+    return state
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+READ_CHUNK = 64 << 20  # bytes a read fills in host memory while the previous chunk copies to the GPU
+
+
+def read_to_gpu(files, want: set[str], prefix: str, dtype, device) -> dict[str, torch.Tensor]:
+    """{name: tensor on `device`} of the wanted tensors, read from the safetensors files in large chunks into two
+    pinned host buffers in turn, each copied to the GPU while the next is read. Mapping the files and copying
+    tensor by tensor (what safetensors and transformers do) faults the pages in 4 KiB at a time and copies from
+    pageable memory: 2.0-3.6 s for Qwen3-1.7B's 3.4 GB on an H200 host (bench/RESULTS.md). Tensors stored in
+    another dtype are cast on the GPU, one at a time."""
+    import ctypes
+
+    staging = [torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    views = [memoryview((ctypes.c_char * READ_CHUNK).from_address(b.data_ptr())).cast("B") for b in staging]
+    copied = [torch.cuda.Event(), torch.cuda.Event()]
+    stream = torch.cuda.Stream(device)
+    state, turn = {}, 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            entries = sorted((v["data_offsets"][0], v["data_offsets"][1], k, v) for k, v in header.items()
+                             if k != "__metadata__" and k.removeprefix(prefix) in want)
+            for start, end, key, info in entries:
+                stored = SAFETENSORS_DTYPES.get(info["dtype"])
+                if stored is None:
+                    raise UserError(f"{path}: {key} is stored as {info['dtype']}, not a float type this toolkit reads")
+                raw = torch.empty(end - start, dtype=torch.uint8, device=device)
+                f.seek(8 + n + start)
+                for offset in range(0, end - start, READ_CHUNK):
+                    size = min(READ_CHUNK, end - start - offset)
+                    copied[turn].synchronize()  # this buffer's last copy is done: it may be overwritten
+                    got = f.readinto(views[turn][:size])
+                    if got != size:
+                        raise UserError(f"{path}: ends inside {key}; the download is incomplete")
+                    with torch.cuda.stream(stream):
+                        raw[offset:offset + size].copy_(staging[turn][:size], non_blocking=True)
+                        copied[turn].record(stream)
+                    turn = 1 - turn
+                t = raw.view(stored).view(info["shape"])
+                torch.cuda.current_stream(device).wait_stream(stream)
+                state[key.removeprefix(prefix)] = t if stored == dtype else t.to(dtype)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    for event in copied:
+        event.synchronize()  # the pinned buffers are freed on return: no copy may still read them
+    return state
 
 
 def new_backbone(config: dict, dtype=torch.bfloat16, attn_implementation: str = "sdpa", device="cpu",
@@ -530,9 +660,8 @@ def build_classifier(checkpoint, labels=DEFAULT_LABELS, dropout=0.1, pooling="la
     The identity (lft.base) reads every weight, so it is taken where the model will run. `with_tokenizer`:
     (model, identity, tokenizer), the tokenizer loaded while the weights move (tokenizer_meanwhile)."""
     checkpoint = base.check_folder(checkpoint)
-    backbone = load_backbone(checkpoint, dtype, attn_implementation)
     with tokenizer_meanwhile(checkpoint) if with_tokenizer else contextlib.nullcontext() as tokenizer:
-        backbone.to(device)
+        backbone = load_backbone(checkpoint, dtype, attn_implementation, device=device).to(device)
         identity = base.identity(checkpoint, backbone)
     model = Qwen3Classifier(backbone, len(labels), dropout, pooling).to(device)
     if lora is not None:

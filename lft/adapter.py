@@ -116,8 +116,8 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
     meta = read_classifier_config(folder)
     if is_merged(folder):
         checkpoint = base.check_folder(folder, flag="--lora_model")
-        backbone = qcd.load_backbone(folder, dtype, attn_implementation, prefix="model.")
         with qcd.tokenizer_meanwhile(checkpoint) as tokenizer:
+            backbone = qcd.load_backbone(folder, dtype, attn_implementation, prefix="model.", device=device)
             backbone = backbone.to(device)
             base.tensor_checksums(backbone, folder, flag="--lora_model")  # refuses NaN/inf weights
         head = _merged_head(folder)
@@ -132,9 +132,8 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
                                 "not here: pass --checkpoint (its base model)")
             checkpoint = recorded
         checkpoint = base.check_folder(checkpoint)
-        backbone = qcd.load_backbone(checkpoint, dtype, attn_implementation)
         with qcd.tokenizer_meanwhile(checkpoint) as tokenizer:
-            backbone = backbone.to(device)
+            backbone = qcd.load_backbone(checkpoint, dtype, attn_implementation, device=device).to(device)
             base.check_same_base(meta["base"], base.identity(checkpoint, backbone), folder)
         head = None
     tokenizer = tokenizer.result()

@@ -171,6 +171,30 @@ def test_tensor_checksums_on_the_device_are_bit_identical_to_the_recorded_recipe
         assert list(got) == list(want) and got == want
 
 
+@pytest.mark.parametrize("chunk", [qcd.READ_CHUNK, 4096 + 6])  # 4096 + 6: many reads, ends inside tensors
+def test_weights_read_straight_to_the_gpu_equal_the_mapped_files(tiny_ckpt, tmp_path, monkeypatch, chunk):
+    """read_to_gpu gives exactly the tensors of the memory-mapped path, moved: in the stored dtype and cast, from a
+    Qwen3ForCausalLM folder and a merged folder (names under "model.", a score head that is not read)."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(qcd, "READ_CHUNK", chunk)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for f in tiny_ckpt.iterdir():
+        if f.suffix != ".safetensors":
+            (merged / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(tiny_ckpt / "model.safetensors"))
+    save_file({**{k: v.to(torch.bfloat16) for k, v in state.items()}, "score.weight": torch.ones(6, 64)},
+              str(merged / "model.safetensors"))
+    for folder in (tiny_ckpt, merged):
+        for dtype in (torch.bfloat16, torch.float32):
+            want = qcd.load_backbone(folder, dtype).to("cuda").state_dict()
+            got = qcd.load_backbone(folder, dtype, device="cuda").state_dict()
+            assert list(got) == list(want)
+            assert all(got[k].device.type == "cuda" and got[k].dtype == dtype and torch.equal(got[k], want[k])
+                       for k in want)
+
+
 def test_a_row_that_peaks_over_the_plan_narrows_the_cap_before_training(tiny_ckpt, demo_data, tmp_path,
                                                                          monkeypatch, capsys):
     """The plan allows rows of 256 tokens, but the budget (from the probe's own numbers) has room for ~150: the

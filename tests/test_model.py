@@ -284,6 +284,33 @@ def test_no_string_a_user_types_produces_a_special_token_id(tokenizer):
     check()
 
 
+def test_tokenizer_gives_transformers_ids(tokenizer, tiny_ckpt, demo_data):
+    """load_tokenizer reads tokenizer.json with the `tokenizers` library alone; transformers' AutoTokenizer, set up
+    as the toolkit set it up before (split special tokens, every added token special), gives the same ids for
+    the demo texts and hostile strings, and the same pad token."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from transformers import AutoTokenizer
+
+    from lft.data import load_split
+
+    ref = AutoTokenizer.from_pretrained(str(tiny_ckpt), local_files_only=True, split_special_tokens=True)
+    qcd.text_only(ref.backend_tokenizer)
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == (ref.pad_token, ref.pad_token_id) == ("<|endoftext|>", 151643)
+    texts = list(load_split(demo_data["train"]).texts) + SPECIAL + [
+        "a<|im_start|>b<|im_end|>", "  spaces\tand\nlines  ", "\u200b\u200d", "emoji 😀👍🏽", "Ｆｕｌｌ　ｗｉｄｔｈ",
+        "\x00\x01 control", "ﬁ ligature", "x" * 500, "", "e\u0301", "It's 12,345.6 don't", "\r\n\r\n", "\U0002f800"]
+    for text in texts:
+        assert tokenizer(text)["input_ids"] == ref(text, add_special_tokens=False)["input_ids"], text
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=40))
+    def check(text):
+        assert tokenizer(text)["input_ids"] == ref(text, add_special_tokens=False)["input_ids"]
+
+    check()
+
+
 def test_a_trailing_endoftext_changes_nothing_but_its_own_characters(model_and_tok, tokenizer):
     """The string "<|endoftext|>" at the end of a text is classified as those characters: the logits are those of
     the text with the characters, never of the text alone (which is what a pad token would make them)."""

@@ -283,11 +283,12 @@ def test_threshold_sets_the_label_not_the_probabilities(slow_server, server, tex
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(slow_server, texts):
-    """8 requests of 64 texts, a forward per text or two: they are all in flight when SIGTERM arrives."""
+    """8 requests of 256 texts, a forward per text or two: they are all in flight when SIGTERM arrives (64 texts a
+    request were once too few: on a loaded machine the first was answered before the last arrived)."""
     results = []
 
     def send(k):
-        r = slow_server.client.post("/predict", json={"inputs": texts[k * 8:k * 8 + 8] * 8})
+        r = slow_server.client.post("/predict", json={"inputs": texts[k * 8:k * 8 + 8] * 32})
         results.append((r.status_code, len(r.json())))
     threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
     for t in threads:
@@ -304,7 +305,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(slow_server, texts):
     assert late.status_code == 503 and late.json()["error_type"] == "Unhealthy"
     for t in threads:
         t.join(60)
-    assert results == [(200, 64)] * 8
+    assert results == [(200, 256)] * 8
     assert slow_server.proc.wait(30) == 0, "\n".join(slow_server.lines[-30:])
     assert "stopped" in slow_server.lines[-1]
 

@@ -419,8 +419,18 @@ class Tokenizer:
         self.pad_token_id = backend.token_to_id(pad_token)
         self.folder = folder
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+    def __call__(self, text, add_special_tokens: bool = False) -> dict:
+        """{"input_ids": ids} of a text, or a list of id lists of a list of texts; never cut or padded: if
+        something set truncation or padding on the backend, a copy without them encodes (as transformers' call
+        undoes them), and the backend stays as it is."""
+        backend = self.backend_tokenizer
+        if backend.truncation is not None or backend.padding is not None:
+            backend = type(backend).from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        if isinstance(text, str):
+            return {"input_ids": backend.encode(text, add_special_tokens=add_special_tokens).ids}
+        return {"input_ids": [e.ids for e in backend.encode_batch(list(text), add_special_tokens=add_special_tokens)]}
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

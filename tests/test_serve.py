@@ -346,8 +346,8 @@ def clf_tokens(clf):
 
 def test_the_classifier_never_encodes_through_a_truncating_backend(clf):
     """Classifier.token_ids reads the backend directly only while nothing set truncation or padding on it; when
-    something has (a caller's own tokenizer call with truncation=True), it goes through transformers' call,
-    which undoes them, so no text is ever cut short silently."""
+    something has (a caller's own code), it goes through the tokenizer's call, which encodes without them, so no
+    text is ever cut short silently."""
     tok = clf.tokenizer
     long = "很长的文本" * 100
     full = clf.token_ids([long])[0]
@@ -355,6 +355,7 @@ def test_the_classifier_never_encodes_through_a_truncating_backend(clf):
     tok.backend_tokenizer.enable_truncation(max_length=8)
     try:
         assert clf.token_ids([long])[0] == full
+        assert tok.backend_tokenizer.truncation["max_length"] == 8  # left as the caller set it
     finally:
         tok.backend_tokenizer.no_truncation()
 

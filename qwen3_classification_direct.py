@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -583,50 +584,86 @@ def read_mapped(files, want: set[str], prefix: str, dtype) -> dict[str, torch.Te
 
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-READ_CHUNK = 64 << 20  # bytes a read fills in host memory while the previous chunk copies to the GPU
+READ_CHUNK = 32 << 20  # bytes one read fills in a pinned host buffer before it is copied to the GPU
+READ_THREADS = 4  # readers at once, each with two pinned buffers and a CUDA stream of its own
 
 
 def read_to_gpu(files, want: set[str], prefix: str, dtype, device) -> dict[str, torch.Tensor]:
-    """{name: tensor on `device`} of the wanted tensors, read from the safetensors files in large chunks into two
-    pinned host buffers in turn, each copied to the GPU while the next is read. Mapping the files and copying
-    tensor by tensor (what safetensors and transformers do) faults the pages in 4 KiB at a time and copies from
-    pageable memory: 2.0-3.6 s for Qwen3-1.7B's 3.4 GB on an H200 host (bench/RESULTS.md). Tensors stored in
-    another dtype are cast on the GPU, one at a time."""
+    """{name: tensor on `device`} of the wanted tensors, read from the safetensors files by READ_THREADS threads in
+    chunks of READ_CHUNK bytes into pinned host buffers, each chunk copied to the GPU while the thread reads its
+    next one (reads and copies leave Python's lock free, so the threads run in parallel). Every tensor's memory
+    is allocated before the first copy: an allocation that has to ask the driver for memory can wait for copies
+    in flight. Mapping the files and copying tensor by tensor (what safetensors and transformers do) faults the
+    pages in 4 KiB at a time and copies from pageable memory: 2.0-3.6 s for Qwen3-1.7B's 3.4 GB on an H200 host
+    (bench/RESULTS.md). Tensors stored in another dtype are cast on the GPU afterwards, one at a time, each
+    freeing its stored bytes as it goes (the peak is the larger of the stored and the cast model, plus a tensor)."""
     import ctypes
+    import threading
 
-    staging = [torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-    views = [memoryview((ctypes.c_char * READ_CHUNK).from_address(b.data_ptr())).cast("B") for b in staging]
-    copied = [torch.cuda.Event(), torch.cuda.Event()]
-    stream = torch.cuda.Stream(device)
-    state, turn = {}, 0
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            entries = sorted((v["data_offsets"][0], v["data_offsets"][1], k, v) for k, v in header.items()
-                             if k != "__metadata__" and k.removeprefix(prefix) in want)
-            for start, end, key, info in entries:
+    tensors, chunks, handles = [], [], []  # (name, raw, stored dtype, shape); (fd, file offset, raw, offset, size)
+    try:
+        for path in files:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            fd = os.open(path, os.O_RDONLY)
+            handles.append(fd)
+            for key, info in header.items():
+                if key == "__metadata__" or key.removeprefix(prefix) not in want:
+                    continue
                 stored = SAFETENSORS_DTYPES.get(info["dtype"])
                 if stored is None:
                     raise UserError(f"{path}: {key} is stored as {info['dtype']}, not a float type this toolkit reads")
+                start, end = info["data_offsets"]
                 raw = torch.empty(end - start, dtype=torch.uint8, device=device)
-                f.seek(8 + n + start)
-                for offset in range(0, end - start, READ_CHUNK):
-                    size = min(READ_CHUNK, end - start - offset)
+                tensors.append((key.removeprefix(prefix), raw, stored, info["shape"], path))
+                chunks += [(fd, 8 + n + start + o, raw, o, min(READ_CHUNK, end - start - o), path)
+                           for o in range(0, end - start, READ_CHUNK)]
+        chunks.sort(key=lambda c: (c[0], c[1]))  # in file order: sequential reads for the page cache
+        todo, lock, errors = iter(chunks), threading.Lock(), []
+
+        def reader():
+            buffers = [torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            views = [memoryview((ctypes.c_char * READ_CHUNK).from_address(b.data_ptr())).cast("B") for b in buffers]
+            copied = [torch.cuda.Event(), torch.cuda.Event()]
+            stream, turn = torch.cuda.Stream(device), 0
+            try:
+                while not errors:
+                    with lock:
+                        chunk = next(todo, None)
+                    if chunk is None:
+                        break
+                    fd, at, raw, offset, size, path = chunk
                     copied[turn].synchronize()  # this buffer's last copy is done: it may be overwritten
-                    got = f.readinto(views[turn][:size])
-                    if got != size:
-                        raise UserError(f"{path}: ends inside {key}; the download is incomplete")
+                    if os.preadv(fd, [views[turn][:size]], at) != size:
+                        raise UserError(f"{path}: ends inside a tensor; the download is incomplete")
                     with torch.cuda.stream(stream):
-                        raw[offset:offset + size].copy_(staging[turn][:size], non_blocking=True)
+                        raw[offset:offset + size].copy_(buffers[turn][:size], non_blocking=True)
                         copied[turn].record(stream)
                     turn = 1 - turn
-                t = raw.view(stored).view(info["shape"])
-                torch.cuda.current_stream(device).wait_stream(stream)
-                state[key.removeprefix(prefix)] = t if stored == dtype else t.to(dtype)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    for event in copied:
-        event.synchronize()  # the pinned buffers are freed on return: no copy may still read them
+            except BaseException as e:  # noqa: BLE001 - raised again by the caller
+                errors.append(e)
+            finally:
+                for event in copied:
+                    event.synchronize()  # the pinned buffers are freed on return: no copy may still read them
+
+        threads = [threading.Thread(target=reader, name=f"lft-read-{i}") for i in range(READ_THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    finally:
+        for fd in handles:
+            os.close(fd)
+    torch.cuda.synchronize(device)
+    state = {}
+    while tensors:  # popped, so a tensor cast to another dtype frees its stored bytes at once
+        name, raw, stored, shape, _ = tensors.pop(0)
+        t = raw.view(stored).view(shape)
+        del raw
+        state[name] = t if stored == dtype else t.to(dtype)
     return state
 
 

@@ -249,22 +249,24 @@ READ_PROCESS_BYTES = 4 << 20  # data files together at least this big are read b
 
 
 class ReadInBackground:
-    """read_splits(...) in a process of its own, started now, where the files together hold at least
-    READ_PROCESS_BYTES; result() waits for it. Parsing and checking every row is Python work that holds the GIL
-    (the original recipe's 63,000 texts: 2.3 s under cProfile on an H200 host, run 38), so a thread could not
-    overlap it; a process runs it while the caller imports torch, starts CUDA and loads the model.
+    """read_splits(...) with every file read in a process of its own, started now, where the files together hold
+    at least READ_PROCESS_BYTES; result() waits for them and checks the splits against each other. Parsing and
+    checking every row is Python work that holds the GIL (the original recipe's 63,000 texts: 2.3 s under cProfile
+    on an H200 host, run 38), so a thread could not overlap it; processes run it while the caller imports torch,
+    starts CUDA and loads the model, each file beside the others.
 
-    The process is a fresh interpreter (`python -c`, not multiprocessing: nothing of a parent that may hold CUDA
+    Each process is a fresh interpreter (`python -c`, not multiprocessing: nothing of a parent that may hold CUDA
     or threads is inherited, and no caller's __main__ is run again); it imports this module, which loads no torch,
     so it is up in a fraction of a second. Smaller files are read in result(), in this process: there a second
-    interpreter would cost more than it saves. The call and the answer travel as JSON (through a pipe and an
-    unnamed temporary file): nothing is unpickled. A UserError in the process is raised by result() as the same
-    UserError; cancel(), or leaving a `with` block, ends the process."""
+    interpreter would cost more than it saves. The calls and the answers travel as JSON (through a pipe and an
+    unnamed temporary file): nothing is unpickled. A UserError in a process is raised by result() as the same
+    UserError (the first file's in the order given, as reading them in turn would); cancel(), or leaving a `with`
+    block, ends the processes."""
 
     def __init__(self, paths: dict[str, str], labels, text_column: str, label_column: str, dedup: bool = False,
                  min_bytes: int | None = None):
         self._call = ({name: str(p) for name, p in paths.items()}, list(labels), text_column, label_column, dedup)
-        self._proc = self._out = None
+        self._procs = {}  # split name -> (process, its answer file)
         size = sum(Path(p).stat().st_size for p in paths.values() if Path(p).is_file())
         if size >= (READ_PROCESS_BYTES if min_bytes is None else min_bytes):
             import json
@@ -274,47 +276,55 @@ class ReadInBackground:
 
             root = str(Path(__file__).resolve().parent.parent)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-            self._out = tempfile.TemporaryFile()  # the answer: a pipe would fill up and stall the reader
-            self._proc = subprocess.Popen([sys.executable, "-c", "from lft.data import _read_splits_child as f; f()"],
-                                          stdin=subprocess.PIPE, stdout=self._out, env=env)
-            try:
-                self._proc.stdin.write(json.dumps(self._call).encode())
-                self._proc.stdin.close()
-            except BrokenPipeError:  # the process died at start; result() reports its exit status
-                pass
+            for name, path in self._call[0].items():
+                out = tempfile.TemporaryFile()  # the answer: a pipe would fill up and stall the reader
+                proc = subprocess.Popen([sys.executable, "-c", "from lft.data import _read_split_child as f; f()"],
+                                        stdin=subprocess.PIPE, stdout=out, env=env)
+                self._procs[name] = (proc, out)
+                try:
+                    proc.stdin.write(json.dumps([path, *self._call[1:4]]).encode())
+                    proc.stdin.close()
+                except BrokenPipeError:  # the process died at start; result() reports its exit status
+                    pass
 
     @property
     def in_process(self) -> bool:
-        return self._proc is not None
+        return bool(self._procs)
 
     def result(self) -> tuple[dict[str, Split], list[str]]:
-        if self._proc is None:
+        if not self._procs:
             return read_splits(*self._call)
         import json
 
+        answers = {}
         try:
-            rc = self._proc.wait()
-            self._out.seek(0)
-            data = self._out.read()
+            for name, (proc, out) in self._procs.items():
+                rc = proc.wait()
+                out.seek(0)
+                answers[name] = (rc, out.read())
         finally:
             self.cancel()
-        if rc != 0 or not data:
-            raise RuntimeError(f"reading the data in a second process failed (exit status {rc}); its error is "
-                               "above")
-        answer = json.loads(data)
-        if "user_error" in answer:
-            raise UserError(answer["user_error"])
-        if "error" in answer:
-            raise RuntimeError(f"reading the data in a second process failed: {answer['error']}")
-        return {name: _split_from_json(d) for name, d in answer["splits"].items()}, answer["warnings"]
+        splits = {}
+        for name, (rc, data) in answers.items():  # errors in the order of the files, as read_splits meets them
+            if rc != 0 or not data:
+                raise RuntimeError(f"reading the data in a second process failed (exit status {rc}); its error is "
+                                   "above")
+            answer = json.loads(data)
+            if "user_error" in answer:
+                raise UserError(answer["user_error"])
+            if "error" in answer:
+                raise RuntimeError(f"reading the data in a second process failed: {answer['error']}")
+            splits[name] = _split_from_json(answer["split"])
+        splits, notes = check_splits(splits, self._call[1], self._call[4])
+        return splits, [n for s in splits.values() for n in s.notes] + notes
 
     def cancel(self) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-                self._proc.wait()
-            self._out.close()
-            self._proc = None
+        for proc, out in self._procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+        self._procs = {}
 
     def __enter__(self) -> "ReadInBackground":
         return self
@@ -323,14 +333,14 @@ class ReadInBackground:
         self.cancel()
 
 
-def _read_splits_child() -> None:
-    """ReadInBackground's process: the call as JSON from stdin, the splits (or the error) as JSON to stdout."""
+def _read_split_child() -> None:
+    """ReadInBackground's process: load_split's call as JSON from stdin, the split (or the error) as JSON to
+    stdout."""
     import json
     import sys
 
     try:
-        splits, warnings = read_splits(*json.loads(sys.stdin.buffer.read()))
-        answer = {"splits": {name: _split_to_json(s) for name, s in splits.items()}, "warnings": warnings}
+        answer = {"split": _split_to_json(load_split(*json.loads(sys.stdin.buffer.read())))}
     except UserError as e:
         answer = {"user_error": str(e)}
     except Exception as e:  # noqa: BLE001 - raised again in the parent by result()

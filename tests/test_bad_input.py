@@ -256,9 +256,9 @@ def test_dedup_drops_from_train_only(frames, demo_data, tmp_path):
 
 
 def test_reading_in_a_second_process_gives_the_same_splits_and_errors(frames, demo_data, tmp_path):
-    """train_lora.py reads large data files in a process of its own (lft.data.ReadInBackground). Forced on the
-    demo files here, it gives what reading in this process gives: the same texts, labels, file rows and warnings
-    (--dedup and the notes across splits included), and the same one-line error for a bad row."""
+    """train_lora.py reads large data files in processes of their own, one per file (lft.data.ReadInBackground).
+    Forced on the demo files here, it gives what reading in this process gives: the same texts, labels, file rows
+    and warnings (--dedup and the notes across splits included), and the same one-line error for a bad row."""
     from lft.data import ReadInBackground, read_splits
 
     folder = tmp_path / "d"
@@ -281,8 +281,8 @@ def test_reading_in_a_second_process_gives_the_same_splits_and_errors(frames, de
     with ReadInBackground(bad, DEFAULT_LABELS, "text_cn", "extracted_label", min_bytes=0) as reading:
         assert one_line_error(reading.result) == expected
     with ReadInBackground(paths, DEFAULT_LABELS, "text_cn", "extracted_label", min_bytes=0) as reading:
-        proc = reading._proc
-    assert proc.poll() is not None  # leaving the block ended the process
+        procs = [proc for proc, _ in reading._procs.values()]
+    assert len(procs) == 3 and all(proc.poll() is not None for proc in procs)  # leaving the block ended them
     odd_path = folder / "odd.jsonl"  # hostile texts; a lone surrogate (\ud800, escaped in the file) among them
     odd_path.write_text("".join(json.dumps({"text_cn": t, "extracted_label": "正常"}) + "\n"
                                 for t in ("半个\ud800代理对", "=1+1", "<|endoftext|>")), encoding="utf-8")

@@ -357,7 +357,7 @@ def check_packed_equals_padded(seqs) -> float:
     sample = seqs[:32]
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         packed = model(**D.to_device(D.collate_packed(sample), DEV))
-        model.backbone.get_base_model().config._attn_implementation = "sdpa"
+        model.backbone.config.attn_implementation = "sdpa"
         padded = model(**D.to_device(D.collate_padded(sample, 151643), DEV))
     diff = (packed - padded).abs().max().item()
     scale = padded.abs().max().item()

@@ -28,8 +28,8 @@ import logging as _logging
 
 __version__ = "0.12.0"  # reported by serve.py's /info
 
-# With torchao installed (lft.quantize), transformers and peft import it (--merge, the tests); on a CPU build of torch its
-# CUDA extensions then log "Failed to load ..._C_*.so" and torch logs a deprecation per torchao enum. Neither is
+# With torchao installed (lft.quantize), transformers and peft import it (--merge, the tests); on a CPU build of
+# torch its CUDA extensions then log "Failed to load ..._C_*.so" and torch logs a deprecation per torchao enum. Neither is
 # about this toolkit, and both would land in every script's output: only their errors are let through.
 for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lft import base
-from lft.common import UserError, gc_paused
+from lft.common import UserError, gc_paused, read_json_object
 from lft.labels import DEFAULT_LABELS
 from lft.runtime import VARLEN  # flash attention over packed rows on CUDA (see varlen_attention)
 
@@ -520,13 +520,7 @@ def tokenizer_meanwhile(checkpoint):
 
 def read_config(folder, attn_implementation: str = "sdpa") -> Qwen3Config:
     path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: holds a {type(raw).__name__}, not an object")
-    return Qwen3Config(raw, attn_implementation, where=str(path))
+    return Qwen3Config(read_json_object(path, "download the model again"), attn_implementation, where=str(path))
 
 
 def weight_files(folder) -> list[Path]:

@@ -23,7 +23,7 @@ import torch
 import qwen3_classification_direct as qcd
 
 from . import base
-from .common import UserError, atomic_dir, write_json
+from .common import UserError, atomic_dir, read_json_object, write_json
 
 FORMAT = "lft-qwen3-classifier/1"
 WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
@@ -157,12 +157,7 @@ def read_lora_config(folder: Path, meta: dict) -> dict:
     """add_lora's arguments from an adapter folder's adapter_config.json (peft's format). Refuses what this
     toolkit does not compute (DoRA, per-layer ranks, biases, ...) and r/alpha changed since training."""
     path = folder / "adapter_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({str(e).splitlines()[0][:100]}); the adapter is damaged") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: not a LoRA config (holds a {type(config).__name__})")
+    config = read_json_object(path, "the adapter is damaged")
     odd = [f"{k} {config[k]!r}" for k, want in UNSUPPORTED.items()
            if k in config and config[k] != want and not (want in (None, {}) and config[k] in (None, {}, []))]
     if "peft_type" not in config:

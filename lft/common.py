@@ -118,6 +118,17 @@ def atomic_dir(path: str | os.PathLike):
         raise
 
 
+def read_json_object(path, fix: str) -> dict:
+    """The JSON object in the file `path`, or a one-line UserError that names the file and ends with `fix`."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # a UnicodeDecodeError is a ValueError
+        raise UserError(f"{path}: not valid JSON ({str(e).splitlines()[0][:100]}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: holds a {type(obj).__name__}, not a JSON object; {fix}")
+    return obj
+
+
 def write_json(path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")

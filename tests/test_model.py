@@ -514,3 +514,13 @@ def test_a_qwen3_config_the_decoder_does_not_implement_is_refused(tiny_ckpt, tmp
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(UserError, match=message):
         qcd.build_classifier(folder)
+
+
+@pytest.mark.parametrize("content, message", [("{broken", "not valid JSON"), ("[1, 2]", "holds a list, not a JSON object")])
+def test_an_adapter_config_that_is_not_a_json_object_is_one_line(model_and_tok, tiny_ckpt, tmp_path, content, message):
+    model, _ = model_and_tok
+    adapter.save_adapter(model, tmp_path / "a", {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {},
+                                                 "base": base_identity(tiny_ckpt, model.backbone)})
+    (tmp_path / "a" / "adapter_config.json").write_text(content)
+    with pytest.raises(UserError, match=f"adapter_config.json: {message}.*the adapter is damaged"):
+        adapter.load_classifier(tiny_ckpt, tmp_path / "a")

@@ -66,9 +66,11 @@ class Qwen3Config:
             self.rms_norm_eps = float(raw.get("rms_norm_eps", 1e-6))
             self.max_position_embeddings = int(raw.get("max_position_embeddings", 32768))
             rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+            if not isinstance(rope, dict):
+                raise TypeError("rope_parameters")
             self.rope_theta = float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-            raise UserError(f"{where}: a missing or non-numeric {e}; is this a Qwen3 config?") from None
+            raise UserError(f"{where}: a field is missing or malformed ({e}); is this a Qwen3 config?") from None
         self.model_type = raw.get("model_type")
         self.attention_bias = bool(raw.get("attention_bias", False))
         self.tie_word_embeddings = raw.get("tie_word_embeddings")

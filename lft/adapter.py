@@ -150,7 +150,9 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
 UNSUPPORTED = {"peft_type": "LORA", "fan_in_fan_out": False, "bias": "none", "use_dora": False, "lora_bias": False,
                "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
                "exclude_modules": None, "target_parameters": None, "rank_pattern": {}, "alpha_pattern": {},
-               "trainable_token_indices": None}
+               "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None,
+               "megatron_config": None, "velora_config": None, "monteclora_config": None, "use_bdlora": None,
+               "arrow_config": None, "kasa_config": None}
 
 
 def read_lora_config(folder: Path, meta: dict) -> dict:

@@ -524,3 +524,38 @@ def test_an_adapter_config_that_is_not_a_json_object_is_one_line(model_and_tok, 
     (tmp_path / "a" / "adapter_config.json").write_text(content)
     with pytest.raises(UserError, match=f"adapter_config.json: {message}.*the adapter is damaged"):
         adapter.load_classifier(tiny_ckpt, tmp_path / "a")
+
+
+def test_an_adapter_peft_wrote_loads_to_the_same_logits(model_and_tok, tiny_ckpt, tmp_path):
+    """Adapters saved before the decoder was our own were written by peft itself (save_pretrained): the same
+    weights in peft's files load to the logits of ours. And the merged folder's tokenizer loads in transformers
+    with our pad token and ids."""
+    from peft import get_peft_model_state_dict
+    from transformers import AutoTokenizer
+
+    model, tok = model_and_tok
+    meta = {"labels": list(DEFAULT_LABELS), "max_length": 64, "args": {"lora_r": 4, "lora_alpha": 8},
+            "base": base_identity(tiny_ckpt, model.backbone)}
+    adapter.save_adapter(model, tmp_path / "ours", meta)
+    ref = _hf_with_peft(tiny_ckpt, 0, r=4, alpha=8, dropout=0.0)
+    ours = {k.replace(".default", ""): v for k, v in model.backbone.named_parameters() if "lora_" in k}
+    with torch.no_grad():
+        for k, v in ref.named_parameters():
+            if "lora_" in k:
+                v.copy_(ours[k.removeprefix("base_model.model.").replace(".default", "")])
+    ref.save_pretrained(tmp_path / "peft")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for name in ("head.safetensors", "classifier_config.json"):
+        (folder / name).write_bytes((tmp_path / "ours" / name).read_bytes())
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (folder / name).write_bytes((tmp_path / "peft" / name).read_bytes())
+    assert set(get_peft_model_state_dict(ref)) == set(adapter.adapter_state(model))
+    loaded, _, _ = adapter.load_classifier(tiny_ckpt, folder)
+    enc = collate_padded(encode(tok), tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(loaded(**enc), model(**enc))
+    adapter.export_merged(loaded, tok, tmp_path / "merged", meta, dtype=torch.float32)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert (hf_tok.pad_token, hf_tok.pad_token_id) == ("<|endoftext|>", 151643)
+    assert [hf_tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS] == encode(tok)

@@ -195,3 +195,23 @@ def test_config_file_then_command_line(tiny_ckpt, demo_data, tmp_path, capsys):
     differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
     assert differ == {"output_dir", "config"} and b["config"] == str(first / "args.json")
     assert [r["loss"] for r in read_log(first)] == [r["loss"] for r in read_log(second)]
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (10, 10), (1, 1)])
+def test_the_schedule_is_transformers_linear_warmup_schedule(warmup, total):
+    """train_lora.linear_schedule gives transformers' get_linear_schedule_with_warmup (the original's) at every step,
+    past the end included."""
+    from transformers import get_linear_schedule_with_warmup
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        sched = make(opt)
+        out = []
+        for _ in range(total + 3):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs(lambda o: train_lora.linear_schedule(o, warmup, total)) == lrs(
+        lambda o: get_linear_schedule_with_warmup(o, warmup, total))

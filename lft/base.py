@@ -112,9 +112,15 @@ def check_tensors(path: Path, config: dict, weights: list[Path], flag: str) -> N
         raise UserError(f"{flag} {path}: tensor shapes do not match config.json: {'; '.join(wrong[:3])}")
 
 
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def safetensors_problem(path: Path) -> str | None:
-    """None if `path` is a whole safetensors file (its header parses and its size is exactly what the header
-    describes), else what is wrong: catches a download cut short before loading gigabytes."""
+    """None if `path` is a whole safetensors file (its header parses, every tensor's byte range lies in the data,
+    fits its dtype and shape exactly and overlaps no other, and the file's size is exactly what the header
+    describes), else what is wrong: catches a download cut short, or a damaged or hostile header, before loading
+    gigabytes (the weights are read by these byte ranges: qwen3_classification_direct.read_to_gpu)."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -122,8 +128,20 @@ def safetensors_problem(path: Path) -> str | None:
             if size < 8 or n > size - 8:
                 return f"{path.name} is truncated ({size} bytes)"
             header = json.loads(f.read(n))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        expected = 8 + n + max(ends, default=0)
+        ranges = []
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            start, end = v["data_offsets"]
+            count = math.prod(v["shape"])
+            if not (all(type(x) is int for x in (start, end, *v["shape"])) and 0 <= start <= end
+                    and min(v["shape"], default=0) >= 0 and end - start == count * DTYPE_BYTES[v["dtype"]]):
+                return f"{path.name}: the header's entry for {k[:80]} does not describe its bytes"
+            ranges.append((start, end))
+        ranges.sort()
+        if any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+            return f"{path.name}: the header describes overlapping tensors"
+        expected = 8 + n + max((e for _, e in ranges), default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return f"{path.name} is not a safetensors file (damaged header)"
     if size != expected:

@@ -115,6 +115,49 @@ def test_broken_index_and_tokenizer_are_one_line(tiny_ckpt, demo_data, tmp_path,
     assert "tokenizer.json is not valid JSON" in one_error_line(capsys, rc)
 
 
+def _rewrite_header(folder, edit):
+    """model.safetensors with its header changed by `edit(header)` and the same bytes after it (padded to 8)."""
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.unlink()  # a hard link to the shared checkpoint: write a file of its own
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+def _shape_without_bytes(header):
+    header["model.layers.0.mlp.up_proj.weight"]["shape"] = [128, 32]  # half the elements its byte range holds
+
+
+def _overlap(header):
+    header["model.layers.0.self_attn.k_proj.weight"]["data_offsets"] = \
+        header["model.layers.0.self_attn.v_proj.weight"]["data_offsets"]  # same size: two names, one byte range
+
+
+def _negative_range(header):
+    start, end = header["model.norm.weight"]["data_offsets"]
+    header["model.norm.weight"]["data_offsets"] = [end, start]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_shape_without_bytes, "the header's entry for model.layers.0.mlp.up_proj.weight does not describe its bytes"),
+    (_overlap, "the header describes overlapping tensors"),
+    (_negative_range, "the header's entry for model.norm.weight does not describe its bytes"),
+])
+def test_a_weights_header_that_does_not_describe_its_bytes_is_one_line(edit, message, tiny_ckpt, demo_data, tmp_path,
+                                                                       capsys):
+    """The weights are read by the byte ranges the header gives (straight to the GPU: read_to_gpu), so check_folder
+    holds every range to its dtype and shape, and no two to the same bytes, before anything loads."""
+    bad = copy_ckpt(tiny_ckpt, tmp_path / "bad")
+    _rewrite_header(bad, edit)
+    rc = run_cli(train_lora.main, base_args(bad, demo_data, tmp_path / "o"))
+    assert message in one_error_line(capsys, rc)
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_on_another_base_is_refused_before_any_step(tiny_ckpt, trained, demo_data, tmp_path, capsys):
     other = copy_ckpt(tiny_ckpt, tmp_path / "other", _rerandomise_one_layer)
     out = tmp_path / "run"

@@ -240,7 +240,12 @@ def read_splits(paths: dict[str, str], labels, text_column: str, label_column: s
                 dedup: bool = False) -> tuple[dict[str, Split], list[str]]:
     """Every split read and checked (load_split each, then check_splits across them), and the warnings to print:
     each split's notes, then the notes across splits."""
-    splits = {name: load_split(path, labels, text_column, label_column) for name, path in paths.items()}
+    return checked_splits({name: load_split(path, labels, text_column, label_column) for name, path in paths.items()},
+                          labels, dedup)
+
+
+def checked_splits(splits: dict[str, Split], labels, dedup: bool) -> tuple[dict[str, Split], list[str]]:
+    """check_splits across the splits, and the warnings to print: each split's notes, then the notes across them."""
     splits, notes = check_splits(splits, labels, dedup)
     return splits, [n for s in splits.values() for n in s.notes] + notes
 
@@ -265,7 +270,8 @@ class ReadInBackground:
 
     def __init__(self, paths: dict[str, str], labels, text_column: str, label_column: str, dedup: bool = False,
                  min_bytes: int | None = None):
-        self._call = ({name: str(p) for name, p in paths.items()}, list(labels), text_column, label_column, dedup)
+        self._paths = {name: str(p) for name, p in paths.items()}
+        self._labels, self._columns, self._dedup = list(labels), (text_column, label_column), dedup
         self._procs = {}  # split name -> (process, its answer file)
         size = sum(Path(p).stat().st_size for p in paths.values() if Path(p).is_file())
         if size >= (READ_PROCESS_BYTES if min_bytes is None else min_bytes):
@@ -276,13 +282,13 @@ class ReadInBackground:
 
             root = str(Path(__file__).resolve().parent.parent)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-            for name, path in self._call[0].items():
+            for name, path in self._paths.items():
                 out = tempfile.TemporaryFile()  # the answer: a pipe would fill up and stall the reader
                 proc = subprocess.Popen([sys.executable, "-c", "from lft.data import _read_split_child as f; f()"],
                                         stdin=subprocess.PIPE, stdout=out, env=env)
                 self._procs[name] = (proc, out)
                 try:
-                    proc.stdin.write(json.dumps([path, *self._call[1:4]]).encode())
+                    proc.stdin.write(json.dumps([path, self._labels, *self._columns]).encode())
                     proc.stdin.close()
                 except BrokenPipeError:  # the process died at start; result() reports its exit status
                     pass
@@ -293,7 +299,7 @@ class ReadInBackground:
 
     def result(self) -> tuple[dict[str, Split], list[str]]:
         if not self._procs:
-            return read_splits(*self._call)
+            return read_splits(self._paths, self._labels, *self._columns, self._dedup)
         import json
 
         answers = {}
@@ -315,8 +321,7 @@ class ReadInBackground:
             if "error" in answer:
                 raise RuntimeError(f"reading the data in a second process failed: {answer['error']}")
             splits[name] = _split_from_json(answer["split"])
-        splits, notes = check_splits(splits, self._call[1], self._call[4])
-        return splits, [n for s in splits.values() for n in s.notes] + notes
+        return checked_splits(splits, self._labels, self._dedup)
 
     def cancel(self) -> None:
         for proc, out in self._procs.values():

@@ -474,10 +474,7 @@ def load_tokenizer(checkpoint) -> Tokenizer:
     pad = PAD_TOKEN
     config = folder / "tokenizer_config.json"
     if config.is_file():
-        try:
-            given = json.loads(config.read_text(encoding="utf-8")).get("pad_token")
-        except (OSError, ValueError, AttributeError):
-            raise UserError(f"--checkpoint {folder}: tokenizer_config.json is not a JSON object") from None
+        given = read_json_object(config, "download the model again").get("pad_token")
         given = given.get("content") if isinstance(given, dict) else given
         pad = given if isinstance(given, str) and given else PAD_TOKEN
     if backend.token_to_id(pad) is None:
@@ -596,12 +593,11 @@ def read_to_gpu(files, want: set[str], prefix: str, dtype, device) -> dict[str, 
     import ctypes
     import threading
 
-    tensors, chunks, handles = [], [], []  # (name, raw, stored dtype, shape); (fd, file offset, raw, offset, size)
+    # tensors: (name, raw, stored dtype, shape); chunks: (fd, file offset, raw, offset, size, path); open files
+    tensors, chunks, handles = [], [], []
     try:
         for path in files:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
+            header, data = base.safetensors_header(path)
             fd = os.open(path, os.O_RDONLY)
             handles.append(fd)
             for key, info in header.items():
@@ -612,8 +608,8 @@ def read_to_gpu(files, want: set[str], prefix: str, dtype, device) -> dict[str, 
                     raise UserError(f"{path}: {key} is stored as {info['dtype']}, not a float type this toolkit reads")
                 start, end = info["data_offsets"]
                 raw = torch.empty(end - start, dtype=torch.uint8, device=device)
-                tensors.append((key.removeprefix(prefix), raw, stored, info["shape"], path))
-                chunks += [(fd, 8 + n + start + o, raw, o, min(READ_CHUNK, end - start - o), path)
+                tensors.append((key.removeprefix(prefix), raw, stored, info["shape"]))
+                chunks += [(fd, data + start + o, raw, o, min(READ_CHUNK, end - start - o), path)
                            for o in range(0, end - start, READ_CHUNK)]
         chunks.sort(key=lambda c: (c[0], c[1]))  # in file order: sequential reads for the page cache
         todo, lock, errors = iter(chunks), threading.Lock(), []
@@ -656,7 +652,7 @@ def read_to_gpu(files, want: set[str], prefix: str, dtype, device) -> dict[str, 
     torch.cuda.synchronize(device)
     state = {}
     while tensors:  # popped, so a tensor cast to another dtype frees its stored bytes at once
-        name, raw, stored, shape, _ = tensors.pop(0)
+        name, raw, stored, shape = tensors.pop(0)
         t = raw.view(stored).view(shape)
         del raw
         state[name] = t if stored == dtype else t.to(dtype)

@@ -91,9 +91,7 @@ def check_tensors(path: Path, config: dict, weights: list[Path], flag: str) -> N
     initialised weights without a word."""
     found = {}
     for f in weights:
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+        header, _ = safetensors_header(f)
         for k, v in header.items():
             if k != "__metadata__":
                 found[k.removeprefix("model.")] = tuple(v.get("shape", ()))
@@ -110,6 +108,14 @@ def check_tensors(path: Path, config: dict, weights: list[Path], flag: str) -> N
     wrong = [f"{k} {found[k]} (config implies {want[k]})" for k in want if found[k] != want[k]]
     if wrong:
         raise UserError(f"{flag} {path}: tensor shapes do not match config.json: {'; '.join(wrong[:3])}")
+
+
+def safetensors_header(path) -> tuple[dict, int]:
+    """A safetensors file's header (JSON) and the file offset where its data begins. For a file that passed
+    safetensors_problem."""
+    with Path(path).open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
 
 
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,

@@ -115,12 +115,9 @@ def check_resume(path: Path, labels, pooling: str, lora: dict) -> dict:
     """Refuse a checkpoint whose weights cannot fit this run (other labels, pooling or LoRA layout), read from
     its adapter files; returns its classifier_config (with the arguments that made it)."""
     meta = adapter.read_classifier_config(path, flag="--resume_from_checkpoint")
-    try:
-        lora_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise UserError(f"--resume_from_checkpoint {path}: adapter_config.json is unreadable") from None
-    saved = {"labels": meta["labels"], "pooling": meta["pooling"], "lora_r": lora_cfg.get("r"),
-             "lora_target_modules": sorted(lora_cfg.get("target_modules") or [])}
+    lora_cfg = adapter.read_lora_config(path, meta)  # what loading the adapter reads, checked the same way
+    saved = {"labels": meta["labels"], "pooling": meta["pooling"], "lora_r": lora_cfg["r"],
+             "lora_target_modules": sorted(lora_cfg["targets"])}
     now = {"labels": list(labels), "pooling": pooling, "lora_r": lora["r"],
            "lora_target_modules": sorted(lora["targets"])}
     bad = [f"--{k} {saved[k]!r} in the checkpoint vs {now[k]!r} now" for k in saved if saved[k] != now[k]]

@@ -557,7 +557,7 @@ def load_backbone(checkpoint, dtype=torch.float32, attn_implementation: str = "s
                             f"{', '.join(missing[:3])}")
         decoder.load_state_dict(state, strict=True, assign=True)
     decoder.inv_freq = decoder._inv_freq(device)
-    return decoder.eval()
+    return decoder.to(device).eval()  # a no-op unless the mapped path read them for another device
 
 
 def read_mapped(files, want: set[str], prefix: str, dtype) -> dict[str, torch.Tensor]:
@@ -700,7 +700,7 @@ def build_classifier(checkpoint, labels=DEFAULT_LABELS, dropout=0.1, pooling="la
     (model, identity, tokenizer), the tokenizer loaded while the weights move (tokenizer_meanwhile)."""
     checkpoint = base.check_folder(checkpoint)
     with tokenizer_meanwhile(checkpoint) if with_tokenizer else contextlib.nullcontext() as tokenizer:
-        backbone = load_backbone(checkpoint, dtype, attn_implementation, device=device).to(device)
+        backbone = load_backbone(checkpoint, dtype, attn_implementation, device=device)
         identity = base.identity(checkpoint, backbone)
     model = Qwen3Classifier(backbone, len(labels), dropout, pooling).to(device)
     if lora is not None:

@@ -467,7 +467,7 @@ class Trainer:
         if saved is not None:  # before anything is written: a checkpoint of another base must not mix with this one
             base.check_same_base(saved["base"], identity, resume)
         times["load"], t = time.perf_counter() - t, time.perf_counter()
-        t_tok = time.perf_counter()
+        t_tok = t
 
         def tokenise():
             warnings = tokenize_data(splits, tokenizer, args, d, show=False)  # no bar beside the loading lines

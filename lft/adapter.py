@@ -45,15 +45,15 @@ def adapter_state(model: qcd.Qwen3Classifier) -> dict[str, torch.Tensor]:
 
 def lora_config(model: qcd.Qwen3Classifier) -> dict:
     """adapter_config.json as peft 0.21 writes it for our LoRA (every field; defaults where we use none)."""
-    layers = [m for _, m in qcd.lora_layers(model.backbone)]
+    layers = qcd.lora_layers(model.backbone)
     if not layers:
         raise ValueError("the model has no LoRA layers")
-    first = layers[0]
+    first = layers[0][1]
     dropout = first.lora_dropout["default"]
     rslora = not math.isclose(first.scaling, first.alpha / first.r)
     return {"task_type": None, "peft_type": "LORA", "auto_mapping": None, "peft_version": PEFT_VERSION,
             "base_model_name_or_path": None, "revision": None, "inference_mode": True, "r": first.r,
-            "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in qcd.lora_layers(model.backbone)}),
+            "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
             "exclude_modules": None, "lora_alpha": first.alpha,
             "lora_dropout": dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0,
             "fan_in_fan_out": False, "bias": "none", "use_rslora": rslora, "modules_to_save": None,
@@ -118,7 +118,6 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
         checkpoint = base.check_folder(folder, flag="--lora_model")
         with qcd.tokenizer_meanwhile(checkpoint) as tokenizer:
             backbone = qcd.load_backbone(folder, dtype, attn_implementation, prefix="model.", device=device)
-            backbone = backbone.to(device)
             base.tensor_checksums(backbone, folder, flag="--lora_model")  # refuses NaN/inf weights
         head = _merged_head(folder)
     else:
@@ -133,7 +132,7 @@ def load_classifier(checkpoint, folder, dtype=torch.float32, attn_implementation
             checkpoint = recorded
         checkpoint = base.check_folder(checkpoint)
         with qcd.tokenizer_meanwhile(checkpoint) as tokenizer:
-            backbone = qcd.load_backbone(checkpoint, dtype, attn_implementation, device=device).to(device)
+            backbone = qcd.load_backbone(checkpoint, dtype, attn_implementation, device=device)
             base.check_same_base(meta["base"], base.identity(checkpoint, backbone), folder)
         head = None
     tokenizer = tokenizer.result()

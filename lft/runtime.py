@@ -193,6 +193,17 @@ def start_compile_workers(rt: Runtime) -> None:
     maybe_warm_pool()
 
 
+def compile_cache_counts() -> tuple[int, int]:
+    """(graphs inductor loaded from its cache, graphs it compiled) so far in this process: whether a run's compile
+    cache worked (train_lora.py's ready line). (0, 0) where this torch keeps no such counters."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0, 0
+    c = counters.get("inductor", {})
+    return int(c.get("fxgraph_cache_hit", 0)), int(c.get("fxgraph_cache_miss", 0) + c.get("fxgraph_cache_bypass", 0))
+
+
 def for_capped_rows(rt: Runtime, args) -> tuple[Runtime, str | None]:
     """`rt` without CUDA graphs when the memory plan has capped the training rows (a card the wanted rows do not
     fit), where --cuda_graphs is 'auto' ('on' is obeyed: train_lora then sizes the graphs' pool for the widest

@@ -32,7 +32,7 @@ def read_log(out, key="loss"):
 
 
 READY = (r"ready in ([\d.]+) s \((?:start-up ([\d.]+) s, )?checks and data ([\d.]+) s, load ([\d.]+) s, compile "
-         r"and memory probe ([\d.]+) s, tokenise [\d.]+ s beside the compile: ([\d.]+) s after\)")
+         r"and memory probe ([\d.]+) s(?: \(\d+ graphs compiled, \d+ from the compile cache\))?, tokenise [\d.]+ s beside the compile: ([\d.]+) s after\)")
 
 
 def test_golden_first_losses_and_output_files(tiny_ckpt, demo_data, tmp_path, capsys):

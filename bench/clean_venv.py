@@ -80,7 +80,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("venv", help="folder for the new environment (made fresh)")
     p.add_argument("--requirements", nargs="*", default=[str(REPO / "requirements.txt")])
-    p.add_argument("--also", nargs="*", default=["torch", "pytest"], help="more distributions to take")
+    # peft: the benches' reference rows (transformers + peft, the original recipe) need it; the toolkit never imports it
+    p.add_argument("--also", nargs="*", default=["torch", "pytest", "peft"], help="more distributions to take")
     args = p.parse_args()
     venv = Path(args.venv)
     if venv.exists():

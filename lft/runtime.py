@@ -195,12 +195,12 @@ def start_compile_workers(rt: Runtime) -> None:
 
 def compile_cache_counts() -> tuple[int, int]:
     """(graphs inductor loaded from its cache, graphs it compiled) so far in this process: whether a run's compile
-    cache worked (train_lora.py's ready line). (0, 0) where this torch keeps no such counters."""
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:
-        return 0, 0
-    c = counters.get("inductor", {})
+    cache worked (train_lora.py's ready line). (0, 0) where nothing has compiled (dynamo not even imported: importing
+    it here would cost a start ~1 s) or this torch keeps no such counters."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    c = getattr(utils, "counters", {}).get("inductor", {})
     return int(c.get("fxgraph_cache_hit", 0)), int(c.get("fxgraph_cache_miss", 0) + c.get("fxgraph_cache_bypass", 0))
 
 

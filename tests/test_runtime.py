@@ -156,3 +156,19 @@ def test_help_imports_no_heavy_library(script):
                        timeout=60)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["code"] in (0, None) and res["chars"] > 200 and res["heavy"] == [], res
+
+
+def test_compile_cache_counts_read_inductors_counters_without_importing_dynamo(monkeypatch):
+    """train_lora.py's ready line says how many graphs were compiled and how many came from the compile cache
+    (whether a user's cache worked). Where nothing compiled, reading them must not import torch._dynamo (~1 s)."""
+    import sys
+    import types
+    from collections import Counter, defaultdict
+
+    monkeypatch.delitem(sys.modules, "torch._dynamo.utils", raising=False)
+    assert R.compile_cache_counts() == (0, 0)
+    assert "torch._dynamo.utils" not in sys.modules
+    counters = defaultdict(Counter)
+    counters["inductor"].update(fxgraph_cache_hit=2, fxgraph_cache_miss=1, fxgraph_cache_bypass=1)
+    monkeypatch.setitem(sys.modules, "torch._dynamo.utils", types.SimpleNamespace(counters=counters))
+    assert R.compile_cache_counts() == (2, 2)

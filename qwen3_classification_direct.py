@@ -181,8 +181,8 @@ _VARLEN_KWARGS_GQA: dict = {}
 def resolve_varlen() -> None:
     """Resolve once how this torch spells 'causal' for varlen_attn (2.10/2.11: is_causal=True; 2.12+:
     window_size=(-1, 0), and enable_gqa for grouped KV heads)."""
-    if _VARLEN_KWARGS:  # resolved: left as it is (compiled graphs guard on these dicts; a second load must not
-        return          # touch them)
+    if _VARLEN_KWARGS:  # resolved: left as it is, so compiled graphs' guards on these dicts keep holding
+        return
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
@@ -336,10 +336,8 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(path) if path else root), child
 
 
-def compile_decoder_layers(model: "Qwen3Classifier", backend="inductor") -> None:
-    """torch.compile each decoder layer (dynamic shapes: packed rows vary in length). Fuses the RMSNorms,
-    rotary embedding, SiLU gate and LoRA dropout/scale/add into a few kernels: on an H200 this doubled
-    training and evaluation throughput at the default settings (bench/RESULTS.md)."""
+def _compile_settings() -> None:
+    """dynamo's settings for the decoder layers (compile_decoder_layers, warm_compile): process-wide."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     # dynamic=True also makes every float attribute a graph input: RMSNorm eps, attention scaling and dropout,
     # LoRA's scaling and dropout p became 0-dim CPU tensors, so inductor built CPU kernels (C++ compiles, its CPU
@@ -348,6 +346,13 @@ def compile_decoder_layers(model: "Qwen3Classifier", backend="inductor") -> None
     # the same in every layer and never change, so one graph still serves all the layers.
     if hasattr(torch._dynamo.config, "specialize_float"):
         torch._dynamo.config.specialize_float = True
+
+
+def compile_decoder_layers(model: "Qwen3Classifier", backend="inductor") -> None:
+    """torch.compile each decoder layer (dynamic shapes: packed rows vary in length). Fuses the RMSNorms,
+    rotary embedding, SiLU gate and LoRA dropout/scale/add into a few kernels: on an H200 this doubled
+    training and evaluation throughput at the default settings (bench/RESULTS.md)."""
+    _compile_settings()
     for layer in model.base_model.layers:
         layer.compile(dynamic=True, backend=backend)
     # In training the first layer's input (the frozen embeddings' output) would not require grad while every
@@ -355,6 +360,51 @@ def compile_decoder_layers(model: "Qwen3Classifier", backend="inductor") -> None
     # one, which saves a whole compile at start-up; the cost is the first layer's input gradient (a few small
     # matmuls per step). The forward is unchanged.
     model.base_model.get_input_embeddings().register_forward_hook(_input_requires_grad)
+
+
+def warm_compile(config: Qwen3Config, dtype, lora: dict | None, texts: int, max_len: int, device, autocast,
+                 backend="inductor") -> None:
+    """Compile the decoder layers' training graph (forward and backward) on a stand-in layer of `config`, before
+    the model exists: one graph serves every layer (compile_decoder_layers), this one's too, so the model's first
+    compiled forward finds it made. train_lora.py runs it in a thread while the weights load. Both hold Python's
+    lock much of the time, so the overlap is partial: on an H200 the load took 2.6-3.0 s beside it instead of
+    1.1-1.4 s, and the compile and memory probe 1.9-2.1 s instead of 3.9-4.4 s with a warm compile cache (the first
+    step 9.2-9.4 s after launch against 9.9-10.1 s without it); cold, load and compile took as long either way
+    (12.9-13.3 s against 12.8-13.0 s; bench/RESULTS.md runs 48-51).
+
+    The row is the memory probe's (`texts` texts of `max_len` tokens, packed), in training mode under
+    `autocast()`, with the layer's inputs as the model gives them (the embeddings' dtype, requiring grad). The
+    stand-in is built on the meta device and zero-filled on `device`: no number is drawn from the CPU's random
+    generator, which the model's LoRA and head initialisation use meanwhile; its dropout draws from the GPU's,
+    which training re-seeds before its first step. Packed rows only (padded batches compile as before)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the current device is per thread
+    if config.attn_implementation == VARLEN:
+        resolve_varlen()  # read while tracing: the model's load would resolve it only later
+    _compile_settings()
+    with torch.device("meta"):
+        layer = DecoderLayer(config).to(dtype)
+        if lora is not None:
+            layer.requires_grad_(False)
+            _put_lora(layer, **lora)
+    layer = layer.to_empty(device=device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+    layer.train()
+    layer.compile(dynamic=True, backend=backend)
+    T = texts * max_len
+    x = torch.zeros(1, T, config.hidden_size, dtype=dtype, device=device, requires_grad=True)
+    cos = torch.ones(1, T, config.head_dim, dtype=dtype, device=device)
+    cu = torch.arange(0, T + 1, max_len, dtype=torch.int32, device=device)
+    position_ids = torch.arange(max_len, device=device).repeat(texts).unsqueeze(0)
+    mask = None if config.attn_implementation == VARLEN else packed_mask(position_ids)
+    with autocast():
+        out = layer(x, cos, torch.zeros_like(cos), mask, cu, max_len)
+    out.float().sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _input_requires_grad(module, inputs, output):
@@ -687,12 +737,16 @@ def add_lora(model: Qwen3Classifier, r: int = 8, alpha: float = 16, dropout: flo
     if lora_layers(model.backbone):
         raise ValueError("the model already has LoRA layers")
     model.backbone.requires_grad_(False)
-    for name, module in list(model.backbone.named_modules()):
-        if name.rsplit(".", 1)[-1] in targets and type(module) is nn.Linear:
-            parent, child = _parent(model.backbone, name)
-            setattr(parent, child, LoraLinear(module, r, alpha, dropout, rslora))
+    _put_lora(model.backbone, r, alpha, dropout, targets, rslora)
     model.score.weight.requires_grad_(True)
     return model
+
+
+def _put_lora(root: nn.Module, r: int, alpha: float, dropout: float, targets, rslora: bool = False) -> None:
+    for name, module in list(root.named_modules()):
+        if name.rsplit(".", 1)[-1] in targets and type(module) is nn.Linear:
+            parent, child = _parent(root, name)
+            setattr(parent, child, LoraLinear(module, r, alpha, dropout, rslora))
 
 
 def build_classifier(checkpoint, labels=DEFAULT_LABELS, dropout=0.1, pooling="last", dtype=torch.float32,

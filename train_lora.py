@@ -220,9 +220,7 @@ def memory_probe(model, args, rt: R.Runtime, pad_id: int) -> "M.Probe | None":
     unchanged."""
     if rt.device.type != "cuda":
         return None
-    n = args.batch_size
-    if rt.packing:  # a process's accumulation micro-batches may share one row, up to --max_tokens_per_row
-        n = max(n, min(n * args.gradient_accumulation_steps, args.max_tokens_per_row // args.max_length))
+    n = probe_texts(args, rt)
     while True:
         seqs = [[pad_id] * args.max_length for _ in range(n)]
         enc = D.to_device(D.collate_packed(seqs) if rt.packing else D.collate_padded(seqs, pad_id), rt.device)
@@ -242,6 +240,25 @@ def memory_probe(model, args, rt: R.Runtime, pad_id: int) -> "M.Probe | None":
         if probe is not None:
             return probe
         n //= 2  # packed rows can be narrower than a micro-batch: find one that fits, the plan does the rest
+
+
+def probe_texts(args, rt: R.Runtime) -> int:
+    """Texts (of --max_length tokens) in the memory probe's row: the largest micro-batch the run can meet."""
+    n = args.batch_size
+    if rt.packing:  # a process's accumulation micro-batches may share one row, up to --max_tokens_per_row
+        n = max(n, min(n * args.gradient_accumulation_steps, args.max_tokens_per_row // args.max_length))
+    return n
+
+
+def warm_compile(args, rt: R.Runtime) -> "Background | None":
+    """On a GPU, the decoder layers' training graph compiled in a thread while the model loads
+    (qcd.warm_compile): its result() is awaited before the model's first compiled forward. None where nothing
+    compiles (compile off, a small job) or rows are not packed."""
+    if not (rt.compile and rt.packing and rt.device.type == "cuda"):
+        return None
+    config = qcd.read_config(args.checkpoint, rt.attn)
+    return Background(lambda: qcd.warm_compile(config, rt.weight_dtype, lora_spec(args), probe_texts(args, rt),
+                                               args.max_length, rt.device, lambda: R.autocast(rt.device, rt.amp_dtype)))
 
 
 def _measured_step(model, enc: dict, rt: R.Runtime, pool: bool = False) -> tuple[int, int]:
@@ -439,7 +456,8 @@ class Trainer:
         the output folder, the checkpoint to resume, every data row; then the model on the device (and one
         worst-case step on a GPU) and the disk space for its checkpoints; only then tokenise. Large data files
         are read in a process of their own meanwhile (read_data; main starts it before torch is imported); the
-        tokenizer loads while the weights move to the device, and the texts are tokenised during the compile."""
+        layers' training graph compiles in a thread while the weights move to the device (warm_compile), the
+        tokenizer loads meanwhile, and the texts are tokenised during the compile."""
         t_start, times = time.perf_counter(), {}
         cache_before = R.compile_cache_counts()  # the process's counts: a second run in one process has its own
         labels = parse_labels(args.labels)
@@ -458,6 +476,7 @@ class Trainer:
         if note:
             dist.print0(f"note: {note}")
         R.start_compile_workers(rt)  # they come up while the model loads
+        warming = warm_compile(args, rt)  # the layers' graph compiles meanwhile, in a thread
         torch.manual_seed(args.seed)  # same head init on every rank
         t = time.perf_counter()
         times["data"] = t - t_start
@@ -475,6 +494,12 @@ class Trainer:
             return warnings, time.perf_counter() - t_tok
         tokenising = Background(tokenise)  # a text that tokenises to nothing still stops the run before it writes
         if rt.compile:
+            if warming is not None:
+                try:
+                    warming.result()
+                except Exception as e:  # noqa: BLE001 - the model's own compile below meets (and reports) it
+                    dist.print0(f"note: compiling ahead failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                                "); the model compiles itself")
             qcd.compile_decoder_layers(model)
         probe = memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
         row_tokens = plan_memory(probe, args, rt, d)

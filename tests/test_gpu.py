@@ -246,3 +246,37 @@ def test_classifier_compiled_with_few_row_shapes_equals_eager(tiny_ckpt, demo_da
     assert fast.predictor._graphs.captures > 0
     assert abs(a - ref).max() < 0.02 and abs(b - ref).max() < 0.02
     assert (a.argmax(1) == ref.argmax(1)).mean() >= 0.99 and abs(b - a).max() < 1e-3
+
+
+def test_the_layers_graph_compiled_ahead_is_the_one_the_run_uses(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """train_lora.py compiles the layers' training graph on a stand-in layer while the weights load
+    (qcd.warm_compile, inductor, LoRA dropout on): the memory probe's forward and backward, the model's first
+    compiled call, then makes no graph of its own; the stand-in draws nothing from the CPU's random generator
+    (the LoRA and head initialisation draw from it meanwhile), and the run's losses are bitwise those of a run
+    that compiles without it (its GPU dropout draws are re-seeded away)."""
+    from torch._dynamo.utils import counters
+
+    state = torch.random.get_rng_state()
+    torch._dynamo.reset()
+    qcd.warm_compile(qcd.read_config(tiny_ckpt, qcd.VARLEN), torch.bfloat16,
+                     {"r": 16, "alpha": 32, "dropout": 0.1, "targets": list(qcd.LORA_TARGETS)}, 8, 64, "cuda",
+                     lambda: torch.autocast("cuda", enabled=False))
+    assert torch.equal(state, torch.random.get_rng_state()), "the stand-in drew from the CPU generator"
+    seen = {}
+    probe = train_lora.memory_probe
+
+    def watched_probe(*a, **k):
+        before = counters["stats"]["unique_graphs"]
+        result = probe(*a, **k)
+        seen.setdefault("probe_graphs", counters["stats"]["unique_graphs"] - before)
+        return result
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(train_lora, "memory_probe", watched_probe)
+    same = ("--num_epochs", 1, "--eval_steps", 27, "--compile", "on")
+    assert run(tiny_ckpt, demo_data, tmp_path / "ahead", *same) == 0
+    assert seen["probe_graphs"] == 0, "the model compiled a graph of its own after the stand-in's"
+    torch._dynamo.reset()
+    monkeypatch.setattr(train_lora, "warm_compile", lambda args, rt: None)
+    assert run(tiny_ckpt, demo_data, tmp_path / "itself", *same) == 0
+    assert log(tmp_path / "ahead")[0][:5] == log(tmp_path / "itself")[0][:5]

@@ -1,4 +1,5 @@
 """The model module: pooling, packing, equality with transformers' own classifier, save/load round trips."""
+import contextlib
 import json
 import unicodedata
 
@@ -383,6 +384,40 @@ def test_compiled_layers_take_no_float_inputs_and_share_one_graph(tiny_ckpt):
         torch._dynamo.reset()
     assert len(graphs) == 2, f"{len(graphs)} graphs for {len(model.base_model.layers)} layers in 2 modes"
     assert graphs == [[], []], "float attributes became graph inputs"
+
+
+def test_a_stand_in_layer_compiles_the_graph_the_model_then_uses(tiny_ckpt):
+    """train_lora.py compiles the layers' training graph on a stand-in layer while the weights load
+    (qcd.warm_compile): the model's layers must then find that graph (no second one is made), give eager's
+    logits, and the stand-in must draw nothing from the CPU's random generator (the model's LoRA and head
+    initialisation draw from it meanwhile; with dropout off here, as a CPU stand-in's dropout would draw from it)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(len(example_inputs))
+        return gm.forward
+
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj", "o_proj"]}
+    torch._dynamo.reset()
+    try:
+        state = torch.random.get_rng_state()
+        qcd.warm_compile(qcd.read_config(tiny_ckpt), torch.float32, lora, 3, 16, "cpu", contextlib.nullcontext,
+                         backend=backend)
+        assert torch.equal(torch.random.get_rng_state(), state), "the stand-in drew from the CPU generator"
+        assert len(graphs) == 1
+        torch.manual_seed(0)
+        model = qcd.build_classifier(tiny_ckpt, DEFAULT_LABELS, dropout=0.0, lora=lora)[0]
+        enc = collate_packed([[100 + k] * (5 + 3 * k) for k in range(3)])
+        model.train()
+        eager = model(**enc)
+        qcd.compile_decoder_layers(model, backend=backend)
+        compiled = model(**enc)
+        compiled.sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1, "the model's layers compiled a graph of their own"
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
 # --- our decoder and LoRA against transformers and peft themselves ------------------------------------------

@@ -498,8 +498,9 @@ class Trainer:
                 try:
                     warming.result()
                 except Exception as e:  # noqa: BLE001 - the model's own compile below meets (and reports) it
-                    dist.print0(f"note: compiling ahead failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                                "); the model compiles itself")
+                    first = (str(e).splitlines() or [""])[0][:200]
+                    dist.print0(f"note: compiling ahead failed ({type(e).__name__}: {first}); the model compiles "
+                                "itself")
             qcd.compile_decoder_layers(model)
         probe = memory_probe(model, args, rt, tokenizer.pad_token_id)  # on a GPU its forward compiles the layers
         row_tokens = plan_memory(probe, args, rt, d)

@@ -12,6 +12,8 @@ functions that make it (so no phase holds import time); the parent times the who
                                                        # phases of two settings, run in turn
     python bench/bench_startup.py --small_jobs         # the whole command's wall time: auto flags, then eager
     python bench/bench_startup.py --train              # train_lora.py: launch to first optimizer step
+    python bench/bench_startup.py --train --compile_thread_ab --runs 2
+                                                       # then cold and warm with its compile thread on and off
 
 --small_jobs: test_saved_lora.py at its auto flags, with --compile off --cuda_graphs off (issue 13, goal 5: auto
 must never be slower) and with --compile off --cuda_graphs on (graphs without compiling: do they pay on a small
@@ -100,6 +102,10 @@ def main(argv=None) -> int:
     p.add_argument("--small_jobs", action="store_true", help="whole-command wall time, auto flags vs eager")
     p.add_argument("--train", action="store_true", help="train_lora.py from launch to its first optimizer step")
     p.add_argument("--profile", action="store_true", help="with --train: a third, warm run's set-up under cProfile")
+    p.add_argument("--compile_thread_ab", action="store_true",
+                   help="with --train: then --runs rounds of cold and warm runs with train_lora.py's compile-ahead "
+                   "thread on and off, in alternating order, each variant with caches of its own (one machine, so "
+                   "machines do not differ between the two)")
     p.add_argument("--settings", default="", help="flag sets separated by ';', each run in turn after the default "
                    "--compile off --cuda_graphs off (e.g. '--compile auto --cuda_graphs auto;--cuda_graphs on')")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -153,6 +159,16 @@ def main(argv=None) -> int:
     (Path(args.out) / "bench_startup.json").write_text(json.dumps(
         {"device": device, "texts": args.texts, "stub_eval": args.stub_eval, "extra": extra, "runs": runs}, indent=2))
     return 0
+
+
+# train_lora.py with its compile-ahead thread (train_lora.warm_compile) left on or turned off: both variants start
+# through this same wrapper, so they pay the same start-up
+AB_SETUP = """import sys
+import train_lora
+if sys.argv[1] == "off":
+    train_lora.warm_compile = lambda args, rt: None
+sys.exit(train_lora.main(sys.argv[2:]))
+"""
 
 
 PROFILED_SETUP = """import cProfile, os, sys
@@ -247,6 +263,20 @@ def whole_commands(args, extra) -> int:
             from bench_compile import print_profile
 
             print_profile(prof)
+        if args.compile_thread_ab:
+            for i in range(args.runs):
+                for variant in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                    cache = Path(tempfile.mkdtemp(prefix=f"lft_startup_ab_{variant}_"))
+                    env = child_env(TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"))
+                    for label in ("cold", "warm"):
+                        cmd = bench_gpu.original_recipe(ckpt, work, work / f"startup_ab_{variant}_{i}_{label}", tok,
+                                                        "--logging_steps", "1", *extra)
+                        r = timed_command([sys.executable, "-c", AB_SETUP, variant, *cmd[2:]], env,
+                                          stop_at="step 1/")
+                        rows.append({"job": "train_lora.py, original recipe (45,000 + 18,000 texts)",
+                                     "flags": f"compile thread {variant}", "cache": label, "seconds": r["seconds"],
+                                     "what": "launch to step 1's log line", "ready": r["ready"]})
+                        print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\nOn {device}; seconds\n\n| job | flags | compile cache | s | measured | ready line |\n|---|---|---|---|---|---|")
     for r in rows:

@@ -15,7 +15,8 @@
 #   cpuint8   bench/bench_quant.py --cpu_crossover (the host CPU: int8 against fp32 and bf16 on one MLP; CPU_THREADS)
 #   small     bench/bench_startup.py --small_jobs (test_saved_lora.py on 3,000 texts, auto vs eager; STARTUP_RUNS)
 #   firststep bench/bench_startup.py --train (train_lora.py, original recipe: launch to step 1, cold and warm;
-#             STARTUP_PROFILE=1: a third run's set-up under cProfile)
+#             STARTUP_PROFILE=1: a third run's set-up under cProfile; STARTUP_AB=1: then STARTUP_RUNS rounds of
+#             cold and warm with the compile-ahead thread on and off, on this one machine)
 #   full      bench/bench_gpu.py --full_recipe (the original full recipe end to end, from launch)
 #   imports   bench/bench_imports.py (import times, -X importtime): with the carried wheels, then the image's alone
 #   all       bench/bench_all.py (issue 13's rows in one call: one lane per GPU; its deadline is the phase's limit)
@@ -63,7 +64,7 @@ for spec in "$@"; do
              cmd=(python3 bench/bench_quant.py --cpu_crossover "${CPU_THREADS:-16}" --out "$OUT/cpuint8") ;;
     int8mlp) cmd=(python3 bench/bench_quant.py --gpu_mlp --out "$OUT/int8mlp" --only "${QUANT_ONLY:-}" --tokens "${MLP_TOKENS:-64,512,4096,9216}") ;;
     small)   cmd=(python3 bench/bench_startup.py --small_jobs --runs "${STARTUP_RUNS:-2}" --out "$OUT/small") ;;
-    firststep) cmd=(python3 bench/bench_startup.py --train ${STARTUP_PROFILE:+--profile} --out "$OUT/firststep") ;;
+    firststep) cmd=(python3 bench/bench_startup.py --train ${STARTUP_PROFILE:+--profile} ${STARTUP_AB:+--compile_thread_ab} --runs "${STARTUP_RUNS:-1}" --out "$OUT/firststep") ;;
     full)    cmd=(python3 bench/bench_gpu.py --full_recipe --out "$OUT/full") ;;
     imports) cmd=(bash -c 'python3 bench/bench_imports.py --out "$OUT/imports" && PYTHONPATH=$PWD python3 bench/bench_imports.py --out "$OUT/imports"') ;;
     all)     cmd=(python3 bench/bench_all.py --out "$OUT/all" --deadline $((limit - 15))) ;;

@@ -367,10 +367,10 @@ def warm_compile(config: Qwen3Config, dtype, lora: dict | None, texts: int, max_
     """Compile the decoder layers' training graph (forward and backward) on a stand-in layer of `config`, before
     the model exists: one graph serves every layer (compile_decoder_layers), this one's too, so the model's first
     compiled forward finds it made. train_lora.py runs it in a thread while the weights load. Both hold Python's
-    lock much of the time, so the overlap is partial: on an H200 the load took 2.6-3.0 s beside it instead of
-    1.1-1.4 s, and the compile and memory probe 1.9-2.1 s instead of 3.9-4.4 s with a warm compile cache (the first
-    step 9.2-9.4 s after launch against 9.9-10.1 s without it); cold, load and compile took as long either way
-    (12.9-13.3 s against 12.8-13.0 s; bench/RESULTS.md runs 48-51).
+    lock much of the time, so the overlap is partial: on an H200 the load took 2.6-3.4 s beside it instead of
+    1.1-1.4 s, and the compile and memory probe 1.8-2.1 s instead of 3.9-4.4 s with a warm compile cache (the first
+    step 9.22-10.09 s after launch, mean 9.57 s of 4 runs, against 9.85 and 10.10 s without it); cold, load and
+    compile took 12.9-13.3 s against 12.8-13.0 s without it on other machines (bench/RESULTS.md runs 48-52).
 
     The row is the memory probe's (`texts` texts of `max_len` tokens, packed), in training mode under
     `autocast()`, with the layer's inputs as the model gives them (the embeddings' dtype, requiring grad). The

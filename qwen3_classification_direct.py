@@ -496,7 +496,7 @@ class Tokenizer:
             if (self.folder / name).is_file():
                 (Path(folder) / name).write_bytes((self.folder / name).read_bytes())
         path = Path(folder) / "tokenizer_config.json"
-        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        config = read_json_object(path, "download the model again") if path.is_file() else {}
         path.write_text(json.dumps({**config, "pad_token": self.pad_token}, ensure_ascii=False, indent=2),
                         encoding="utf-8")
 
@@ -578,7 +578,7 @@ def weight_files(folder) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        names = read_json_object(index, "download the model again")["weight_map"].values()
         return [folder / n for n in sorted(set(names))]
     return sorted(folder.glob("*.safetensors"))
 

@@ -8,6 +8,7 @@ attention, Triton fusions, the rest), the top kernels, and every GEMM shape with
 bf16 matmul ceiling measured in the same process (bench_gpu.matmul_ceiling).
 
     python bench/bench_kernels.py --out bench/logs/kernels          # H200: ~3 min
+    python bench/bench_kernels.py --eval_gap 18000                  # is evaluation GPU-bound? (~1.5 min)
 """
 from __future__ import annotations
 
@@ -111,6 +112,87 @@ def summarise(prof, units: int, unit: str, wall_s: float, ceiling: float) -> dic
     return out
 
 
+def eval_gap(texts: int, row_tokens: list[int], repeats: int, out: Path) -> dict:
+    """Is the product's evaluation GPU-bound? lft.predict.Predictor on the bench model (compiled layers, CUDA
+    graphs: training's evaluation path) over `texts` bench texts, for each row budget: after two passes (compile,
+    captures), the wall time of a pass against the GPU's busy time (CUDA events around every row's copy and
+    replay) and the span from the first row's start to the last row's end, and the host's own seconds per pass
+    in collating rows, in the row calls (copy, replay, slicing) and in gathering the result."""
+    import numpy as np
+
+    import lft.cuda_graphs as G
+    import qwen3_classification_direct as qcd
+    from lft import data as D
+    from lft.predict import Predictor
+    from lft.runtime import Runtime
+
+    lens = bench_gpu.lengths(texts, 31)
+    seqs = bench_gpu.texts_of(lens, 31)
+    model = bench_gpu.build_ours().eval()
+    qcd.compile_decoder_layers(model)
+    rt = Runtime(device=bench_gpu.DEV, weight_dtype=torch.bfloat16, amp_dtype=torch.bfloat16, use_scaler=False,
+                 precision="bf16", packing=True, attn=qcd.VARLEN, compile=True, eval_graphs=True, step_graphs=False)
+    plain_call, plain_collate = G.RowGraphs.__call__, D.collate_packed_static
+    host = {"collate": 0.0, "rows": 0.0}
+    events: list = []
+
+    def collate(*a, **k):
+        t = time.perf_counter()
+        r = plain_collate(*a, **k)
+        host["collate"] += time.perf_counter() - t
+        return r
+
+    def call(self, inputs):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t = time.perf_counter()
+        e0.record()
+        r = plain_call(self, inputs)
+        e1.record()
+        host["rows"] += time.perf_counter() - t
+        events.append((e0, e1))
+        return r
+
+    results = {}
+    for budget in row_tokens:
+        pred = Predictor(model, rt, 151643, 256)
+        batches = pred.batches(np.array(lens), max_tokens=budget)
+        for _ in range(2):
+            pred.probs(seqs, batches)
+        walls = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            pred.probs(seqs, batches)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t)
+        G.RowGraphs.__call__, D.collate_packed_static = call, collate
+        try:
+            host.update(collate=0.0, rows=0.0)
+            events.clear()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            pred.probs(seqs, batches)
+            torch.cuda.synchronize()
+            wall_ev = time.perf_counter() - t
+        finally:
+            G.RowGraphs.__call__, D.collate_packed_static = plain_call, plain_collate
+        busy = sum(a.elapsed_time(b) for a, b in events) / 1e3
+        span = events[0][0].elapsed_time(events[-1][1]) / 1e3
+        wall = sorted(walls)[len(walls) // 2]
+        r = {"rows": len(batches), "tokens": sum(lens), "wall_s": wall, "walls": walls,
+             "tokens_s": sum(lens) / wall, "instrumented_wall_s": wall_ev, "gpu_busy_s": busy, "gpu_span_s": span,
+             "host_collate_s": host["collate"], "host_row_calls_s": host["rows"],
+             "graphs": len(pred._graphs.graphs), "captures": pred._graphs.captures}
+        results[str(budget)] = r
+        print(f"eval gap, rows of {budget} tokens: {r['rows']} rows, wall {wall:.3f} s ({r['tokens_s'] / 1e3:.1f}k "
+              f"tok/s; passes {', '.join(f'{w:.3f}' for w in walls)}); instrumented pass {wall_ev:.3f} s: GPU busy "
+              f"{busy:.3f} s, span {span:.3f} s; host collate {host['collate']:.3f} s, row calls "
+              f"{host['rows']:.3f} s; {r['graphs']} graphs", flush=True)
+        del pred
+    (out / "eval_gap.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -119,9 +201,16 @@ def main(argv=None) -> int:
     p.add_argument("--val_texts", type=int, default=3000)
     p.add_argument("--start", type=int, default=80, help="optimizer steps before the profiled ones")
     p.add_argument("--profile_steps", type=int, default=20)
+    p.add_argument("--eval_gap", type=int, default=0, metavar="TEXTS",
+                   help="instead: is evaluation GPU-bound? (wall against GPU busy time, on TEXTS bench texts)")
+    p.add_argument("--eval_gap_rows", default="9216,18432", help="--eval_gap's row budgets, tokens")
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.eval_gap:
+        eval_gap(args.eval_gap, [int(x) for x in args.eval_gap_rows.split(",")], args.repeats, out)
+        return 0
     work.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     from transformers import AutoTokenizer

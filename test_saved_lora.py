@@ -105,9 +105,7 @@ def run(args, d) -> int:
     try:
         probs = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world,
                                                                    max_tokens=args.batch_size * max_length))
-        merged = {}
-        for part in dist.gather_objects(probs, d):  # every rank; each text was predicted by exactly one rank
-            merged.update(part)
+        parts = dist.gather_objects(probs, d)  # every rank; each text was predicted by exactly one rank
     finally:  # an error exits only after the imports end: a thread cut off mid-import can crash the exit
         if reports is not None:
             # join, not result(): a failed warm-up is no error here; the import fails again where a report needs
@@ -115,7 +113,7 @@ def run(args, d) -> int:
             reports.join()
     if not d.main:
         return 0
-    P = torch.stack([merged[i] for i in sorted(merged)]).float().numpy()
+    P = predict.in_order(parts, len(split))
     if not np.isfinite(P).all():
         raise UserError(f"--lora_model {args.lora_model}: the model gives non-finite probabilities; its weights or "
                         "the base model hold NaN/inf values")

@@ -401,9 +401,9 @@ def warn_changed_recipe(resume: Path, saved_args: dict, args, world: int) -> Non
 
 def evaluate(predictor: "predict.Predictor", split: D.Split, labels, max_tokens: int, d: "dist.Dist") -> dict:
     """Each rank predicts a disjoint shard; confusion matrices are summed over ranks (counts, not means)."""
-    probs = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world, max_tokens))
-    idx = np.fromiter(probs.keys(), dtype=np.int64, count=len(probs))
-    P = torch.stack(list(probs.values())) if probs else torch.zeros(0, len(labels))
+    idx, P = predictor.probs(split.input_ids, predictor.batches(split.lengths, d.rank, d.world, max_tokens))
+    if not len(idx):  # a rank with no text of its own (fewer texts than processes)
+        P = torch.zeros(0, len(labels))
     if not bool(torch.isfinite(P).all()):
         raise UserError(f"{split.path}: the model gives non-finite probabilities; its weights or the base model "
                         "hold NaN/inf values")

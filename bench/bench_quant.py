@@ -51,7 +51,7 @@ import qwen3_classification_direct as qcd  # noqa: E402
 from bench_gpu import build_checkpoint_folder, lengths, texts_of  # noqa: E402
 from lft import adapter, quantize as Q  # noqa: E402
 from lft.labels import DEFAULT_LABELS  # noqa: E402
-from lft.predict import Classifier, runtime_args  # noqa: E402
+from lft.predict import Classifier, in_order, runtime_args  # noqa: E402
 
 SERVING = (1, 8, 64)
 SMALL_TEXTS = 200  # texts of the int8-on-GPU throughput rows (rows of <= INT8_GPU_MAX_TOKENS)
@@ -231,7 +231,7 @@ def measure(name, mode, how, ckpt, folder, dev, seqs, max_tokens, graphs):
     if gpu:
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
-    P = torch.stack([probs[i] for i in range(len(seqs))]).numpy()
+    P = in_order([probs], len(seqs))
     del clf
     return row, P
 

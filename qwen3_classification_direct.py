@@ -346,6 +346,19 @@ def _compile_settings() -> None:
     # the same in every layer and never change, so one graph still serves all the layers.
     if hasattr(torch._dynamo.config, "specialize_float"):
         torch._dynamo.config.specialize_float = True
+    deterministic_inductor()
+
+
+def deterministic_inductor() -> None:
+    """Inductor's deterministic mode, unless TORCHINDUCTOR_DETERMINISTIC says otherwise. By default inductor times
+    several block sizes and warp counts of a reduction (the RMSNorms) on the GPU at its first run and keeps the
+    fastest; those change the order of the sums, so two runs of one command could train to different numbers (on
+    an H200 two identical runs' third losses differed, 3.232 against 3.164: bench/RESULTS.md run 53). In its
+    deterministic mode the choice is made by rule, from the shapes alone."""
+    import torch._inductor.config as inductor_config
+
+    if "TORCHINDUCTOR_DETERMINISTIC" not in os.environ and hasattr(inductor_config, "deterministic"):
+        inductor_config.deterministic = True
 
 
 def compile_decoder_layers(model: "Qwen3Classifier", backend="inductor") -> None:

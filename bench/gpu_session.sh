@@ -11,6 +11,8 @@
 #   startup   bench/bench_startup.py (where a one-off test_saved_lora.py's wall time goes; STARTUP_RUNS runs;
 #             STARTUP_SETTINGS: flag sets separated by ';', run in turn)
 #   kernels   bench/bench_kernels.py (GPU time of a training step and an evaluation by kernel and GEMM shape)
+#   det       bench/bench_deterministic.py (inductor's deterministic mode against its timed reduction configs:
+#             throughput, compile time, bitwise-equal runs from cold caches; DET_RUNS runs of each)
 #   evalgap   bench/bench_kernels.py --eval_gap (is evaluation GPU-bound: wall against GPU busy time; GAP_TEXTS, GAP_ROWS)
 #   int8mlp   bench/bench_quant.py --gpu_mlp (int8 forms against bf16 on one MLP by tokens per forward)
 #   cpuint8   bench/bench_quant.py --cpu_crossover (the host CPU: int8 against fp32 and bf16 on one MLP; CPU_THREADS)
@@ -61,6 +63,7 @@ for spec in "$@"; do
     compile) cmd=(python3 bench/bench_compile.py --out "$OUT/compile" --variants "${COMPILE_VARIANTS:-base,attn_eager,no_dropout,fallback_random}" ${COMPILE_FLAGS:-}) ;;
     startup) cmd=(python3 bench/bench_startup.py --runs "${STARTUP_RUNS:-2}" --settings "${STARTUP_SETTINGS:-}" --out "$OUT/startup") ;;
     kernels) cmd=(python3 bench/bench_kernels.py --out "$OUT/kernels") ;;
+    det)     cmd=(python3 bench/bench_deterministic.py --runs "${DET_RUNS:-2}" --out "$OUT/det") ;;
     evalgap) cmd=(python3 bench/bench_kernels.py --eval_gap "${GAP_TEXTS:-18000}" --eval_gap_rows "${GAP_ROWS:-9216,18432}" --out "$OUT/evalgap") ;;
     cpuint8) grep -m1 "model name" /proc/cpuinfo; grep -m1 -o -w "amx_int8\|amx_bf16\|avx512_bf16\|avx512_vnni" /proc/cpuinfo | sort -u | tr "\n" " "; echo
              cmd=(python3 bench/bench_quant.py --cpu_crossover "${CPU_THREADS:-16}" --out "$OUT/cpuint8") ;;

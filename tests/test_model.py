@@ -420,6 +420,22 @@ def test_a_stand_in_layer_compiles_the_graph_the_model_then_uses(tiny_ckpt):
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_inductor_chooses_by_rule_unless_the_user_says_otherwise(monkeypatch):
+    """Inductor's timing of a reduction's candidate block sizes changes the order of its sums, so two identical GPU
+    runs could train to different losses: the layers compile in its deterministic mode, where the choice is made by
+    rule. TORCHINDUCTOR_DETERMINISTIC (torch's own variable) still decides where it is set."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delenv("TORCHINDUCTOR_DETERMINISTIC", raising=False)
+    monkeypatch.setattr(inductor_config, "deterministic", False)
+    qcd._compile_settings()  # what compile_decoder_layers and warm_compile apply
+    assert inductor_config.deterministic is True
+    monkeypatch.setattr(inductor_config, "deterministic", False)
+    monkeypatch.setenv("TORCHINDUCTOR_DETERMINISTIC", "0")
+    qcd._compile_settings()
+    assert inductor_config.deterministic is False
+
+
 # --- our decoder and LoRA against transformers and peft themselves ------------------------------------------
 
 def _hf_with_peft(tiny_ckpt, seed, **lora):

@@ -222,10 +222,15 @@ class Qwen3Decoder(nn.Module):
     def __init__(self, config: Qwen3Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # The embeddings and inv_freq are left uncomputed: load_backbone reads the weights and new_backbone draws them,
+        # and both set inv_freq on the device. On the meta device (load_backbone builds there) nn.Embedding's normal_
+        # and inv_freq's arithmetic go through torch._refs, which imports torch._dynamo: 1.2-2.4 s of a job that
+        # never compiles (a CPU job; on a GPU the varlen attention kernel imports it anyway)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
 
     def _inv_freq(self, device=None):
         dim, theta = self.config.head_dim, self.config.rope_theta
@@ -737,6 +742,7 @@ def new_backbone(config: dict, dtype=torch.bfloat16, attn_implementation: str = 
         for name, p in decoder.named_parameters():
             with torch.no_grad():
                 p.normal_(0, std) if p.ndim > 1 else p.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+        decoder.inv_freq = decoder._inv_freq(torch.device(device))
     return decoder.to(dtype).eval()
 
 

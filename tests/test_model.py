@@ -420,6 +420,28 @@ def test_a_stand_in_layer_compiles_the_graph_the_model_then_uses(tiny_ckpt):
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_building_and_running_the_decoder_imports_no_dynamo(tiny_ckpt):
+    """load_backbone builds the decoder on the meta device, where nn.Embedding's own initialisation and inv_freq's
+    arithmetic would go through torch._refs, which imports torch._dynamo (1.2-2.4 s of a CPU job that never
+    compiles): nothing is computed there. new_backbone (the benches' random decoder) sets inv_freq as loading does."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    code = ("import sys, torch, qwen3_classification_direct as q; m = q.load_backbone(sys.argv[1]); "
+            "m(torch.tensor([[1, 2, 3]])); print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt)], env=subprocess_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"
+    loaded = qcd.load_backbone(tiny_ckpt)
+    config = json.loads((tiny_ckpt / "config.json").read_text())
+    drawn = qcd.new_backbone(config, torch.float32)
+    assert torch.equal(drawn.inv_freq, loaded.inv_freq) and loaded.inv_freq.dtype == torch.float32
+    assert drawn.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
 def test_inductor_chooses_by_rule_unless_the_user_says_otherwise(monkeypatch):
     """Inductor's timing of a reduction's candidate block sizes changes the order of its sums, so two identical GPU
     runs could train to different losses: the layers compile in its deterministic mode, where the choice is made by

@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench_startup import child_env  # noqa: E402  (this repository first on PYTHONPATH, unbuffered output)
+
 COMPILE = re.compile(r"compile and memory probe ([\d.]+) s")
 
 
@@ -33,8 +35,7 @@ def one_run(ckpt: Path, train: Path, val: Path, work: Path, mode: str, args) -> 
     cache = Path(tempfile.mkdtemp(prefix=f"lft_det_{mode}_"))
     out = work / f"det_{mode}_{len(list(work.glob(f'det_{mode}_*')))}"
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x),
-               PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"))
+    env = child_env(TORCHINDUCTOR_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"))
     if mode == "timed":
         env["TORCHINDUCTOR_DETERMINISTIC"] = "0"
     else:

@@ -59,7 +59,6 @@ def child(argv: list[str], stub_eval: bool) -> None:
         if attr:
             getattr(m, attr)
         times[f"import {name}"] = time.perf_counter() - t
-    sys.path.insert(0, str(REPO))
     import torch
 
     def timed(label, f):
